@@ -1,0 +1,1172 @@
+"""The threaded executor: one thread per stage, bounded channels between them."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterator
+from itertools import chain, islice
+from typing import TYPE_CHECKING, Any
+
+from ._channel import Aborted, Channel
+from ._errors import StageError
+from ._pool import AsyncPool, ProcessPool, TaskSpec, ThreadPool, bind
+from ._report import Report, StageStats
+from ._stage import SINK, SOURCE, Stage
+from ._tracking import Ticket, group, release, retain
+
+if TYPE_CHECKING:
+    from ._graph import Node, Pipeline
+
+__all__ = ["Run", "running", "stop_all"]
+
+log = logging.getLogger("nanostream")
+
+BATCH = 512            # most items a stage takes from its queue at once
+GRACE = 5.0            # seconds a stage may take to notice a stop before it is named
+_RUNS: set[Run] = set()
+_RUNS_LOCK = threading.Lock()
+
+# Iterables that live in memory: a source over one of these is read in slices
+# (C speed) since taking the next item can never block.
+_MEMORY_TYPES = (list, tuple, range, str, bytes, bytearray, dict, set, frozenset, deque)
+_MEMORY_ITERS = tuple({type(iter(x)) for x in (
+    [], (), range(0), "", b"", bytearray(), {}, set(), frozenset(), deque(), {}.values(),
+    {}.items(), reversed([]), reversed(range(0)))})
+
+
+def running() -> list[Run]:
+    """The runs that are still going (started and not yet ended).
+
+    >>> running()
+    []
+    """
+    with _RUNS_LOCK:
+        return sorted(_RUNS, key=lambda r: r._started_at)
+
+
+def stop_all(drain: bool = True) -> int:
+    """Stop every live run (e.g. the ones an earlier notebook cell started).
+
+    Returns how many runs were stopped.
+
+    >>> stop_all()
+    0
+    """
+    runs = running()
+    for r in runs:
+        r.stop(drain=drain)
+    return len(runs)
+
+
+class _ItemFailure(Exception):
+    def __init__(self, item: Any, exc: BaseException) -> None:
+        self.item = item
+        self.exc = exc
+
+
+class _Failed(Exception):
+    """Carries a ready StageError out of a stage thread."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class _Slots:
+    """A counting semaphore that gives up when the run aborts."""
+
+    def __init__(self, n: int, run: Run) -> None:
+        self._free = n
+        self._cond = threading.Condition()
+        self._run = run
+        run._wakeables.append(self)
+
+    def acquire(self) -> None:
+        with self._cond:
+            while self._free <= 0:
+                if self._run._aborted:
+                    raise Aborted
+                self._cond.wait()
+            if self._run._aborted:
+                raise Aborted
+            self._free -= 1
+
+    def release(self) -> None:
+        with self._cond:
+            self._free += 1
+            self._cond.notify()
+
+    def abort(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+
+def _noop() -> None:
+    return None
+
+
+class SourceContext:
+    """Given to internal sources (``internal={"context": True}``): lets them watch
+    for a stop request and report per-item errors under the stage's ``on_error``."""
+
+    def __init__(self, runner: _SourceRunner) -> None:
+        self._runner = runner
+        self.name = runner.name
+
+    @property
+    def stopping(self) -> bool:
+        return self._runner.stop_requested or self._runner.run._aborted
+
+    def item_error(self, exc: BaseException, item: Any = None, detail: str | None = None) -> None:
+        """Apply ``on_error`` to an error tied to one item the source could not produce.
+
+        Raises :class:`StageError` under ``"raise"``; returns (the item is dropped)
+        under ``"skip"`` or after calling a callable policy.
+        """
+        r = self._runner
+        policy = r.stage.option("on_error")
+        r.errors += 1
+        if policy == "raise":
+            raise _Failed(StageError(r.name, item, exc, detail=detail))
+        if policy != "skip":
+            try:
+                policy(item, exc)
+            except Exception as cb_exc:
+                raise _Failed(StageError(r.name, item, cb_exc,
+                                         detail="the on_error callback raised")) from None
+
+
+# -----------------------------------------------------------------------------
+
+class _Runner:
+    """The code that runs one node in its thread(s)."""
+
+    kind = "node"
+
+    def __init__(self, run: Run, node: Node, inp: Channel | None) -> None:
+        self.run = run
+        self.node = node
+        self.stage: Stage = node.stage
+        self.name = node.stage.name
+        self.inp = inp
+        self.outs: list[tuple[Channel, bool]] = []
+        self.tracked = False
+        self.items_in = 0
+        self.items_out = 0
+        self.errors = 0
+        self.busy = 0.0
+        self.threads: list[threading.Thread] = []
+        self.stop_requested = False
+        self.call = bind(self.stage.fn, self.stage.kwargs)
+
+    # output ----------------------------------------------------------------
+
+    def setup_emit(self) -> None:
+        outs = self.outs
+        if not outs:
+            self.emit = self._emit_nowhere if self.tracked else _discard
+        elif len(outs) == 1 and not outs[0][1]:
+            self.emit = outs[0][0].put_many
+        else:
+            self.emit = self._emit_fanout
+
+    def _emit_nowhere(self, items: list[Any]) -> None:
+        release([t for _, t in items])
+
+    def _emit_fanout(self, items: list[Any]) -> None:
+        if self.tracked and len(self.outs) > 1:
+            retain([t for _, t in items], len(self.outs) - 1)
+        for ch, wrap in self.outs:
+            ch.put_many([(x, None) for x in items] if wrap else items)
+
+    def outs_dead(self) -> bool:
+        """Every consumer downstream asked for no more items (e.g. ``take``)."""
+        return bool(self.outs) and all(ch.discarding for ch, _ in self.outs)
+
+    def close_outs(self) -> None:
+        for ch, _ in self.outs:
+            ch.close()
+
+    # thread plumbing -------------------------------------------------------
+
+    def spawn(self, body: Callable[[], None], suffix: str = "") -> None:
+        t = threading.Thread(target=self._main, args=(body,), daemon=True,
+                             name=f"nanostream:{self.name}{suffix}")
+        self.threads.append(t)
+
+    def _main(self, body: Callable[[], None]) -> None:
+        try:
+            body()
+        except Aborted:
+            pass
+        except _Failed as f:
+            self.run._fail(f.error)
+        except _ItemFailure as f:
+            self.run._fail(StageError(self.name, f.item, f.exc))
+        except BaseException as exc:
+            self.run._fail(StageError(self.name, exc=exc))
+        finally:
+            self.run._thread_done()
+
+    def finish(self) -> None:
+        """Called once when the node is done: close what it feeds."""
+        self.close_outs()
+
+    def on_abort(self) -> None:
+        pass
+
+    def stats(self) -> StageStats:
+        return StageStats(self.name, self.stage.kind, self.stage.option("workers")
+                          if self.stage.kind != SOURCE else 1,
+                          self.items_in, self.items_out, self.errors, self.busy,
+                          self.inp.stats() if self.inp is not None else None)
+
+    # errors ----------------------------------------------------------------
+
+    def handle_error(self, item: Any, exc: BaseException) -> None:
+        """Apply ``on_error`` to one failed item (after retries)."""
+        self.errors += 1
+        policy = self.stage.option("on_error")
+        if policy == "raise":
+            raise _Failed(StageError(self.name, item, exc))
+        if policy == "skip":
+            log.debug("stage %r skipped item %r: %r", self.name, item, exc)
+            return
+        try:
+            policy(item, exc)
+        except Exception as cb_exc:
+            err = StageError(self.name, item, cb_exc, detail="the on_error callback raised")
+            raise _Failed(err) from None
+
+
+def _discard(items: list[Any]) -> None:
+    return None
+
+
+# -- sources --------------------------------------------------------------------
+
+class _SourceRunner(_Runner):
+    kind = "source"
+
+    def start(self) -> None:
+        self.setup_emit()
+        self.spawn(self._body)
+
+    def _open(self) -> Any:
+        st = self.stage
+        if st.internal.get("context"):
+            return st.fn(*st.args, ctx=SourceContext(self), **st.kwargs)
+        return st.fn(*st.args, **st.kwargs)
+
+    def _body(self) -> None:
+        it: Any = None
+        try:
+            try:
+                obj = self._open()
+                it = iter(obj)
+            except (_Failed, Aborted):
+                raise
+            except Exception as exc:
+                raise _Failed(StageError(self.name, exc=exc)) from None
+            if self.stage.option("track"):
+                self._pump_tracked(it)
+            elif isinstance(obj, _MEMORY_TYPES) or type(it) in _MEMORY_ITERS:
+                self._pump_slices(it)
+            else:
+                self._pump_items(it)
+            self.finish()
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    log.exception("closing source %r failed", self.name)
+
+    def _pump_slices(self, it: Iterator[Any]) -> None:
+        emit = self.emit
+        while not self.stop_requested:
+            chunk = list(islice(it, BATCH))
+            if not chunk:
+                return
+            self.items_out += len(chunk)
+            emit(chunk)
+            if self.outs_dead():
+                return
+
+    def _pump_items(self, it: Iterator[Any]) -> None:
+        if len(self.outs) == 1 and not self.outs[0][1]:
+            ch = self.outs[0][0]
+            put = ch.put
+            n = 0
+            try:
+                for x in self._guarded(it):
+                    n += 1
+                    put(x)
+                    if self.stop_requested or ch.discarding:
+                        return
+                    if not n & 255:
+                        self.items_out += n
+                        n = 0
+            finally:
+                self.items_out += n
+        else:
+            emit = self.emit
+            for x in self._guarded(it):
+                self.items_out += 1
+                emit([x])
+                if self.stop_requested or self.outs_dead():
+                    return
+
+    def _pump_tracked(self, it: Iterator[Any]) -> None:
+        emit = self.emit
+        for pair in self._guarded(it):
+            try:
+                x, on_done = pair
+            except (TypeError, ValueError):
+                raise _Failed(StageError(self.name, pair, TypeError(
+                    "a source with track=True must yield (item, on_done) pairs, "
+                    f"got {type(pair).__name__}"))) from None
+            self.items_out += 1
+            emit([(x, Ticket(on_done) if on_done is not None else None)])
+            if self.stop_requested or self.outs_dead():
+                return
+
+    def _guarded(self, it: Iterator[Any]) -> Iterator[Any]:
+        """Iterate the user's iterator, turning its exceptions into StageErrors."""
+        nxt = it.__next__
+        while True:
+            try:
+                x = nxt()
+            except StopIteration:
+                return
+            except (_Failed, Aborted):
+                raise
+            except Exception as exc:
+                raise _Failed(StageError(self.name, exc=exc)) from None
+            yield x
+
+
+# -- per-item stages in one thread ------------------------------------------------
+
+class _SingleRunner(_Runner):
+    """A per-item transform, filter or sink with one worker in a thread."""
+
+    kind = "single"
+
+    def start(self) -> None:
+        self.setup_emit()
+        st = self.stage
+        simple = st.option("on_error") == "raise" and st.option("retries") == 0
+        flavor = st.flavor
+        if self.tracked:
+            self.process = self._process_tracked
+        elif simple:
+            self.process = {"map": self._fast_map, "filter": self._fast_filter,
+                            "sink": self._fast_sink, "flatmap": self._fast_flatmap}[flavor]
+        else:
+            self.process = self._process_careful
+        self.spawn(self._body)
+
+    def _body(self) -> None:
+        get = self.inp.get  # type: ignore[union-attr]
+        process = self.process
+        perf = time.perf_counter
+        while True:
+            batch = get(BATCH)
+            if batch is None:
+                break
+            t0 = perf()
+            out = process(batch)
+            self.busy += perf() - t0
+            self.items_in += len(batch)
+            if out:
+                self.items_out += len(out)
+                self.emit(out)
+            if self.outs_dead():
+                self.inp.discard()  # type: ignore[union-attr]
+                break
+        self.finish()
+
+    # fast paths: C-level loops; on failure, find the item from the iterator's position
+
+    def _fast_map(self, batch: list[Any]) -> list[Any]:
+        it = iter(batch)
+        try:
+            return list(map(self.call, it))
+        except Exception as exc:
+            raise _ItemFailure(batch[len(batch) - it.__length_hint__() - 1], exc) from None
+
+    def _fast_filter(self, batch: list[Any]) -> list[Any]:
+        it = iter(batch)
+        try:
+            return list(filter(self.call, it))
+        except Exception as exc:
+            raise _ItemFailure(batch[len(batch) - it.__length_hint__() - 1], exc) from None
+
+    def _fast_sink(self, batch: list[Any]) -> list[Any]:
+        it = iter(batch)
+        try:
+            deque(map(self.call, it), maxlen=0)
+        except Exception as exc:
+            raise _ItemFailure(batch[len(batch) - it.__length_hint__() - 1], exc) from None
+        return []
+
+    def _fast_flatmap(self, batch: list[Any]) -> list[Any]:
+        it = iter(batch)
+        outputs = chain.from_iterable(map(self.call, it))
+        perf = time.perf_counter
+        while True:
+            try:
+                chunk = list(islice(outputs, BATCH))
+            except Exception as exc:
+                raise _ItemFailure(batch[len(batch) - it.__length_hint__() - 1], exc) from None
+            if not chunk:
+                return []
+            self.items_out += len(chunk)
+            t0 = perf()
+            self.emit(chunk)
+            self.busy -= perf() - t0  # time blocked downstream is not busy time
+
+    # careful path: per item, with retries and the error policy
+
+    def _call_one(self, x: Any) -> Any:
+        flavor, call = self.stage.flavor, self.call
+        retries = self.stage.option("retries")
+        attempt = 0
+        while True:
+            try:
+                if flavor == "map":
+                    return call(x)
+                if flavor == "flatmap":
+                    return list(call(x))
+                if flavor == "filter":
+                    return bool(call(x))
+                call(x)
+                return None
+            except Exception:
+                if attempt >= retries:
+                    raise
+                self.run._sleep(self.stage.option("backoff") * (2 ** attempt))
+                attempt += 1
+
+    def _process_careful(self, batch: list[Any]) -> list[Any]:
+        out: list[Any] = []
+        flavor = self.stage.flavor
+        for x in batch:
+            try:
+                r = self._call_one(x)
+            except Exception as exc:
+                self.handle_error(x, exc)
+                continue
+            if flavor == "map":
+                out.append(r)
+            elif flavor == "flatmap":
+                out.extend(r)
+            elif flavor == "filter" and r:
+                out.append(x)
+        return out
+
+    def _process_tracked(self, batch: list[Any]) -> list[Any]:
+        out: list[Any] = []
+        done: list[Ticket | None] = []
+        flavor = self.stage.flavor
+        try:
+            for x, t in batch:
+                try:
+                    r = self._call_one(x)
+                except Exception as exc:
+                    done.append(t)  # an item an error policy skips is handled
+                    self.handle_error(x, exc)
+                    continue
+                if flavor == "map":
+                    out.append((r, t))
+                elif flavor == "flatmap":
+                    if not r:
+                        done.append(t)
+                    else:
+                        if len(r) > 1:
+                            retain([t], len(r) - 1)
+                        out.extend((y, t) for y in r)
+                elif flavor == "filter":
+                    if r:
+                        out.append((x, t))
+                    else:
+                        done.append(t)
+                else:
+                    done.append(t)
+        finally:
+            release(done)
+        return out
+
+
+# -- per-item stages on a pool ----------------------------------------------------
+
+_END = object()
+
+
+class _PoolRunner(_Runner):
+    """Per-item stages with several workers, processes, async functions or an engine.
+
+    A feeder thread takes chunks from the input queue and submits them; an emitter
+    thread passes the results on, in input order when ``ordered``. A bounded
+    number of chunks is in flight (``workers`` for async, ``2 * workers``
+    otherwise), which is also the reorder window.
+    """
+
+    kind = "pool"
+
+    def start(self) -> None:
+        self.setup_emit()
+        st = self.stage
+        workers = st.option("workers")
+        spec = TaskSpec(self.call, st.flavor, st.option("retries"), st.option("backoff"),
+                        stop_on_error=st.option("on_error") == "raise")
+        engine = self.run.engine
+        if st.is_async:
+            self.pool: Any = AsyncPool(spec, workers, self.name)
+            window, self.target = workers, 0.0
+        elif engine is not None and engine.accepts(st):
+            self.pool = engine.pool(spec, st, workers)
+            window, self.target = engine.window(workers), engine.target_task_seconds
+        elif st.option("executor") == "process":
+            self.pool = ProcessPool(spec, workers, self.name)
+            window, self.target = 2 * workers, 0.02
+        else:
+            self.pool = ThreadPool(spec, workers, self.name, sleep=self.run._sleep)
+            window, self.target = 2 * workers, 0.001
+        self.ordered = st.option("ordered")
+        self.slots = _Slots(window, self.run)
+        self.results = Channel(1 << 30, name=f"{self.name}:results")
+        self.run._wakeables.append(self.results)
+        self.chunk = 1
+        self.pending: dict[int, tuple[list[Any], list[Ticket | None] | None]] = {}
+        self.spawn(self._feed, ":feed")
+        self.spawn(self._drain, ":emit")
+
+    def _feed(self) -> None:
+        get = self.inp.get  # type: ignore[union-attr]
+        seq = 0
+        try:
+            while True:
+                batch = get(self.chunk)
+                if batch is None or self.outs_dead():
+                    break
+                self.slots.acquire()
+                if self.tracked:
+                    xs = [x for x, _ in batch]
+                    ts: list[Ticket | None] | None = [t for _, t in batch]
+                else:
+                    xs, ts = batch, None
+                self.items_in += len(xs)
+                self.pending[seq] = (xs, ts)
+                try:
+                    fut = self.pool.submit(xs)
+                except Exception as exc:
+                    raise _Failed(StageError(self.name, xs[0], exc, detail=(
+                        "the item could not be sent to a worker process; items for "
+                        "executor='process' must be picklable"
+                        if self.stage.option("executor") == "process" else None))) from None
+                fut.add_done_callback(self._done_callback(seq))
+                seq += 1
+        finally:
+            self.results.put((seq, _END))
+
+    def _done_callback(self, seq: int) -> Callable[[Any], None]:
+        results = self.results
+
+        def done(fut: Any) -> None:
+            try:
+                results.put((seq, fut))
+            except Aborted:
+                pass
+        return done
+
+    def _drain(self) -> None:
+        get = self.results.get
+        total = -1
+        handled = 0
+        waiting: dict[int, Any] = {}
+        next_seq = 0
+        failed = True
+        try:
+            while total < 0 or handled < total:
+                got = get()
+                if got is None:
+                    break
+                for seq, fut in got:
+                    if fut is _END:
+                        total = seq
+                    elif self.ordered:
+                        waiting[seq] = fut
+                    else:
+                        self._finish_chunk(seq, fut)
+                        handled += 1
+                if self.ordered:
+                    while next_seq in waiting:
+                        self._finish_chunk(next_seq, waiting.pop(next_seq))
+                        next_seq += 1
+                        handled += 1
+            if self.outs_dead():
+                self.inp.discard()  # type: ignore[union-attr]
+            failed = False
+        finally:
+            self.pool.shutdown(abort=failed or self.run._aborted)
+        self.finish()
+
+    def _finish_chunk(self, seq: int, fut: Any) -> None:
+        xs, ts = self.pending.pop(seq)
+        self.slots.release()
+        try:
+            results, failures, secs = fut.result()
+        except Exception as exc:
+            raise _Failed(StageError(self.name, xs[0], exc)) from None
+        self.busy += secs
+        if secs > 0 and results:
+            per_item = secs / len(results)
+            want = int(self.target / per_item) if per_item > 0 else BATCH
+            self.chunk = max(1, min(BATCH, want, (self.chunk * 2) or 1))
+        failed = dict(failures)
+        for i, exc in failures:
+            if i < len(xs):
+                try:
+                    self.handle_error(xs[i], exc)
+                except _Failed:
+                    if ts is not None:
+                        release(ts)
+                    raise
+        flavor = self.stage.flavor
+        out: list[Any] = []
+        if ts is None:
+            if flavor == "map":
+                out = [r for i, r in enumerate(results) if i not in failed] if failed else results
+            elif flavor == "flatmap":
+                out = list(chain.from_iterable(r for i, r in enumerate(results) if i not in failed))
+            elif flavor == "filter":
+                out = [x for x, r, i in zip(xs, results, range(len(results)))
+                       if r and i not in failed]
+        else:
+            done: list[Ticket | None] = []
+            for i, (x, t) in enumerate(zip(xs, ts)):
+                r = results[i] if i < len(results) else None
+                if i in failed or flavor == "sink" or i >= len(results):
+                    done.append(t)
+                elif flavor == "map":
+                    out.append((r, t))
+                elif flavor == "flatmap":
+                    if not r:
+                        done.append(t)
+                    else:
+                        if len(r) > 1:
+                            retain([t], len(r) - 1)
+                        out.extend((y, t) for y in r)
+                elif r:
+                    out.append((x, t))
+                else:
+                    done.append(t)
+            release(done)
+        if out:
+            self.items_out += len(out)
+            self.emit(out)
+
+    def on_abort(self) -> None:
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            try:
+                pool.shutdown(abort=True)
+            except Exception:
+                log.exception("shutting down the pool of %r failed", self.name)
+
+
+# -- stream=True stages -----------------------------------------------------------
+
+TICK: Any = type("Tick", (), {"__repr__": lambda self: "TICK"})()
+
+
+class _StreamRunner(_Runner):
+    """A stage whose function takes the whole input iterator."""
+
+    kind = "stream"
+
+    def start(self) -> None:
+        self.setup_emit()
+        self.exhausted = False
+        self.spawn(self._body)
+
+    def _items(self) -> Iterator[Any]:
+        """The input as one iterator (``TICK`` markers when the stage asked for them)."""
+        get = self.inp.get  # type: ignore[union-attr]
+        tick = self.stage.internal.get("tick")
+        while True:
+            batch = get(BATCH, tick)
+            if batch is None:
+                self.exhausted = True
+                return
+            if not batch:
+                if tick is not None:
+                    yield TICK
+                continue
+            self.items_in += len(batch)
+            yield from batch
+
+    def _body(self) -> None:
+        st = self.stage
+        with_done = st.internal.get("with_done", False)
+        held: list[Ticket | None] = []   # tickets released when the stage ends
+        pending: list[Ticket | None] = []
+        current: list[Ticket | None] = [None]
+
+        if self.tracked and with_done:
+            def inputs() -> Iterator[Any]:
+                for pair in self._items():
+                    if pair is TICK:
+                        yield pair
+                        continue
+                    x, t = pair
+                    yield x, (_noop if t is None else _releaser(t))
+        elif self.tracked and st.kind == SINK:
+            def inputs() -> Iterator[Any]:
+                for pair in self._items():
+                    if pair is TICK:
+                        yield pair
+                        continue
+                    held.append(pair[1])
+                    yield pair[0]
+        elif self.tracked:
+            def inputs() -> Iterator[Any]:
+                for pair in self._items():
+                    if pair is TICK:
+                        yield pair
+                        continue
+                    pending.append(pair[1])
+                    yield pair[0]
+        elif with_done:
+            def inputs() -> Iterator[Any]:
+                for x in self._items():
+                    yield x if x is TICK else (x, _noop)
+        else:
+            inputs = self._items
+
+        source = inputs()
+        try:
+            try:
+                result = self.call(source)
+            except (_Failed, Aborted):
+                raise
+            except Exception as exc:
+                raise _Failed(StageError(self.name, exc=exc)) from None
+            if st.kind == SINK:
+                if result is not None and hasattr(result, "__next__"):
+                    self._consume(result)
+            else:
+                self._forward(result, pending, current)
+            if not self.exhausted:
+                # the function returned before its input ended: it wants no more
+                self.inp.discard()  # type: ignore[union-attr]
+                for _ in self._items():
+                    pass
+        finally:
+            source.close()
+            if self.tracked:
+                release(pending)
+                release(held)
+                release([current[0]])
+        self.finish()
+
+    def _consume(self, result: Iterator[Any]) -> None:
+        try:
+            for _ in result:
+                pass
+        except (_Failed, Aborted):
+            raise
+        except Exception as exc:
+            raise _Failed(StageError(self.name, exc=exc)) from None
+
+    def _forward(self, result: Any, pending: list[Ticket | None],
+                 current: list[Ticket | None]) -> None:
+        try:
+            it = iter(result)
+        except TypeError:
+            raise _Failed(StageError(self.name, exc=TypeError(
+                f"a stream=True transform must return or yield an iterable, got "
+                f"{type(result).__name__}"))) from None
+        emit = self.emit
+        nxt = it.__next__
+        while True:
+            try:
+                y = nxt()
+            except StopIteration:
+                return
+            except (_Failed, Aborted):
+                raise
+            except Exception as exc:
+                raise _Failed(StageError(self.name, exc=exc)) from None
+            self.items_out += 1
+            if self.tracked:
+                if pending:
+                    g = group(pending)
+                    pending.clear()
+                    retain([g], 1)          # one for the output, one kept
+                    release([current[0]])
+                    current[0] = g
+                else:
+                    retain([current[0]], 1)
+                emit([(y, current[0])])
+            else:
+                emit([y])
+            if self.outs_dead():
+                return
+
+
+def _releaser(t: Ticket) -> Callable[[], None]:
+    def done() -> None:
+        release([t])
+    return done
+
+
+# -- the run ----------------------------------------------------------------------
+
+class Run:
+    """A running (or finished) pipeline.
+
+    Returned by :meth:`Pipeline.start`. ``join()`` waits, ``stop()`` stops,
+    ``stats()`` reports live counts; as a context manager, leaving the block stops
+    the run and joins it.
+
+    >>> from nanostream import from_iterable, sink
+    >>> seen = []
+    >>> with (from_iterable(range(3)) | sink(seen.append)).start() as run:
+    ...     finished = run.join(timeout=10)
+    >>> finished, seen, run.running
+    (True, [0, 1, 2], False)
+    """
+
+    def __init__(self, pipeline: Pipeline, engine: Any = None, progress: bool = False,
+                 collect: bool = False) -> None:
+        self.pipeline = pipeline
+        self.engine = engine
+        self._progress = progress
+        self._collect = collect
+        self._started = False
+        self._started_at = 0.0
+        self._ended_at: float | None = None
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._aborted = False
+        self._aborted_at: float | None = None
+        self._abort_event = threading.Event()
+        self._done = threading.Event()
+        self._alive = 0
+        self._wakeables: list[Any] = []
+        self._warned = False
+        self.runners: list[_Runner] = []
+        self.collector: Channel | None = None
+        self._plan()
+
+    # building ----------------------------------------------------------------
+
+    def _plan(self) -> None:
+        p = self.pipeline
+        nodes = p.nodes
+        if not p.sources():
+            heads = ", ".join(repr(n.stage.name) for n in p.heads()) or "nothing"
+            raise ValueError(f"this pipeline has no source, so there is nothing to run "
+                             f"(it starts at {heads}); start it with a source, e.g. "
+                             "ns.from_iterable(data) | ..., or use it as a segment")
+        heads = p.heads()
+        if heads:
+            raise ValueError(f"stage {heads[0].stage.name!r} has no input: connect a source "
+                             "to it or remove it")
+        for n in nodes:
+            n.stage.check_complete()
+        ends = p.open_ends()
+        if self._collect and len(ends) != 1:
+            names = ", ".join(repr(n.stage.name) for n in ends) or "none (it ends in sinks)"
+            raise TypeError(f"only a pipeline with exactly one open end can be iterated; this "
+                            f"one has {len(ends)}: {names}. Add sinks to the other branches, or "
+                            "call .run()")
+        order = _topological(p)
+        pred, succ = p.predecessors(), p.successors()
+        tracked: dict[Node, bool] = {}
+        for n in order:
+            tracked[n] = bool(n.stage.option("track")) if n.stage.kind == SOURCE else any(
+                tracked[m] for m in pred[n])
+        self._order = order
+        channels: dict[Node, Channel] = {}
+        for n in order:
+            if n.stage.kind == SOURCE:
+                continue
+            channels[n] = Channel(n.stage.option("queue_size"), producers=len(pred[n]),
+                                  name=n.stage.name,
+                                  on_discard=_release_pairs if tracked[n] else None)
+        if self._collect:
+            end = ends[0]
+            self.collector = Channel(BATCH * 2, name="<iterate>",
+                                     on_discard=_release_pairs if tracked[end] else None)
+            self._collect_tracked = tracked[end]
+        runners: dict[Node, _Runner] = {}
+        for n in order:
+            st = n.stage
+            inp = channels.get(n)
+            if st.kind == SOURCE:
+                r: _Runner = _SourceRunner(self, n, None)
+            elif st.flavor == "stream":
+                r = _StreamRunner(self, n, inp)
+            elif (st.option("workers") > 1 or st.option("executor") == "process" or st.is_async
+                  or (self.engine is not None and self.engine.accepts(st))):
+                r = _PoolRunner(self, n, inp)
+            else:
+                r = _SingleRunner(self, n, inp)
+            r.tracked = tracked[n]
+            r.outs = [(channels[m], tracked[m] and not tracked[n]) for m in succ[n]]
+            if self._collect and n is ends[0]:
+                r.outs = [(self.collector, False)]  # type: ignore[list-item]
+            runners[n] = r
+        self.runners = [runners[n] for n in order]
+        self._wakeables.extend(channels.values())
+        if self.collector is not None:
+            self._wakeables.append(self.collector)
+
+    # lifecycle -----------------------------------------------------------------
+
+    def start(self) -> Run:
+        """Start the threads. A run starts once; build a new one with ``pipeline.start()``."""
+        with self._lock:
+            if self._started:
+                raise RuntimeError("this Run has already been started; call "
+                                   "pipeline.start() to run the pipeline again")
+            self._started = True
+        self._started_at = time.monotonic()
+        for r in self.runners:
+            r.start()
+        threads = [t for r in self.runners for t in r.threads]
+        self._alive = len(threads)
+        with _RUNS_LOCK:
+            _RUNS.add(self)
+        for t in threads:
+            t.start()
+        if self._progress:
+            from ._display import start_progress
+            start_progress(self)
+        return self
+
+    def _thread_done(self) -> None:
+        with self._lock:
+            self._alive -= 1
+            last = self._alive == 0
+        if last:
+            self._ended_at = time.monotonic()
+            with _RUNS_LOCK:
+                _RUNS.discard(self)
+            self._done.set()
+
+    def _fail(self, error: BaseException) -> None:
+        with self._lock:
+            first = self._error is None and not self._aborted
+            if first:
+                self._error = error
+        if first:
+            log.debug("run failed: %s", error)
+        self._abort()
+
+    def _abort(self) -> None:
+        with self._lock:
+            if self._aborted:
+                return
+            self._aborted = True
+            self._aborted_at = time.monotonic()
+        self._abort_event.set()
+        for r in self.runners:
+            r.stop_requested = True
+        for w in list(self._wakeables):
+            w.abort()
+        for r in self.runners:
+            r.on_abort()
+
+    def _sleep(self, seconds: float) -> None:
+        """Sleep for a retry backoff, waking up (and giving up) if the run aborts."""
+        if self._abort_event.wait(seconds):
+            raise Aborted
+
+    def _request_source_stop(self) -> None:
+        for r in self.runners:
+            if r.stage.kind == SOURCE:
+                r.stop_requested = True
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the run to end. True when it ended, False on timeout.
+
+        Raises the run's :class:`StageError` if a stage failed.
+        """
+        if not self._started:
+            raise RuntimeError("this Run was never started; call run.start() or pipeline.start()")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._done.is_set():
+            wait = 0.2
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    return False
+            if self._done.wait(wait):
+                break
+            if self._aborted_at is not None and time.monotonic() - self._aborted_at > GRACE:
+                self._warn_stuck()
+                break
+        if self._error is not None:
+            raise self._error
+        return True
+
+    def _warn_stuck(self) -> None:
+        if self._warned:
+            return
+        self._warned = True
+        stuck = sorted({r.name for r in self.runners
+                        if any(t.is_alive() for t in r.threads)})
+        msg = (f"nanostream: stage(s) {', '.join(map(repr, stuck))} did not stop within "
+               f"{GRACE:g} s (stuck inside a call that cannot be interrupted); their daemon "
+               "threads are abandoned")
+        log.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        self._ended_at = time.monotonic()
+        with _RUNS_LOCK:
+            _RUNS.discard(self)
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop the run and wait for it to end.
+
+        ``drain=True`` stops each source at its next item and lets everything
+        already inside finish (partial batches and windows are flushed);
+        ``drain=False`` abandons what is in flight. Errors are not raised here;
+        ``join()`` raises them. With ``timeout``, a drain still going after that
+        many seconds is abandoned too.
+        """
+        if not self._started:
+            raise RuntimeError("this Run was never started")
+        if self._done.is_set():
+            return
+        if drain:
+            self._request_source_stop()
+            deadline = None if timeout is None else time.monotonic() + timeout
+            sources = [r for r in self.runners if r.stage.kind == SOURCE]
+            t_stop = time.monotonic()
+            while not self._done.wait(0.05):
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                if time.monotonic() - t_stop > GRACE and any(
+                        t.is_alive() for r in sources for t in r.threads):
+                    break
+        if not self._done.is_set():
+            self._abort()
+        while not self._done.wait(0.2):
+            if time.monotonic() - (self._aborted_at or 0) > GRACE:
+                self._warn_stuck()
+                break
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.stop(drain=exc_type is None)
+        if exc_type is None:
+            self.join()
+
+    @property
+    def running(self) -> bool:
+        """True between ``start()`` and the end of the run."""
+        return self._started and not self._done.is_set() and not self._warned
+
+    @property
+    def error(self) -> BaseException | None:
+        """The error that ended the run, if any."""
+        return self._error
+
+    def stats(self) -> Report:
+        """A live :class:`Report` (counts so far and queue fill)."""
+        end = self._ended_at if self._ended_at is not None else time.monotonic()
+        elapsed = end - self._started_at if self._started else 0.0
+        return Report([r.stats() for r in self.runners], elapsed, running=self.running)
+
+    # whole-run helpers -----------------------------------------------------------
+
+    def run_to_end(self, timeout: float | None) -> Report:
+        self.start()
+        try:
+            if not self.join(timeout):
+                self.stop(drain=False)
+                raise TimeoutError(f"the pipeline did not finish within {timeout} s and was "
+                                   "stopped; pass a larger timeout, or use start() and "
+                                   "stop() to run it for a while")
+        except KeyboardInterrupt:
+            self.stop(drain=False)
+            raise
+        return self.stats()
+
+    def iterate(self) -> Iterator[Any]:
+        self.start()
+        ch = self.collector
+        assert ch is not None
+        tracked = self._collect_tracked
+        try:
+            while True:
+                try:
+                    batch = ch.get(BATCH)
+                except Aborted:
+                    break
+                if batch is None:
+                    break
+                if tracked:
+                    for x, t in batch:
+                        yield x
+                        release([t])
+                else:
+                    yield from batch
+            self.join()
+        finally:
+            if not self._done.is_set():
+                self.stop(drain=False)
+
+    def _repr_html_(self) -> str | None:
+        try:
+            from ._display import run_html
+        except ImportError:
+            return None
+        return run_html(self)
+
+    def __repr__(self) -> str:
+        state = ("not started" if not self._started else "running" if self.running
+                 else "failed" if self._error is not None else "stopped" if self._aborted
+                 else "finished")
+        return f"<Run {state} of Pipeline({_describe(self.pipeline)})>"
+
+
+def _describe(p: Pipeline) -> str:
+    from ._graph import describe
+    return describe(p)
+
+
+def _release_pairs(items: list[Any]) -> None:
+    release([t for _, t in items])
+
+
+def _topological(p: Pipeline) -> list[Node]:
+    pred = p.predecessors()
+    succ = p.successors()
+    indeg = {n: len(v) for n, v in pred.items()}
+    ready = [n for n in p.nodes if indeg[n] == 0]
+    order: list[Node] = []
+    while ready:
+        n = ready.pop(0)
+        order.append(n)
+        for m in succ[n]:
+            indeg[m] -= 1
+            if indeg[m] == 0:
+                ready.append(m)
+    if len(order) != len(indeg):
+        cyc = [n.stage.name for n in p.nodes if indeg[n] > 0]
+        raise ValueError(f"the pipeline has a cycle through {', '.join(map(repr, cyc))}; "
+                         "pipelines must be acyclic")
+    return order
+
