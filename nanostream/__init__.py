@@ -18,11 +18,18 @@ from ._graph import Pipeline, from_iterable, merge
 from ._report import Report, StageStats
 from ._runtime import Run, running, stop_all
 from ._stage import Stage, sink, source, transform
-from .operators import filter
+from . import compat as _compat
+from . import files as _files
+from . import operators as _operators
+from . import sql as _sql
+from .compat import *  # noqa: F403
+from .files import *  # noqa: F403
+from .operators import *  # noqa: F403
+from .sql import *  # noqa: F403
 
 __version__ = "0.1.0"
 
-__all__ = [
+_CORE = [
     "ChannelStats",
     "Pipeline",
     "PipelineError",
@@ -31,7 +38,6 @@ __all__ = [
     "Stage",
     "StageError",
     "StageStats",
-    "filter",
     "from_iterable",
     "merge",
     "running",
@@ -40,3 +46,5 @@ __all__ = [
     "stop_all",
     "transform",
 ]
+
+__all__ = sorted({*_CORE, *_operators.__all__, *_files.__all__, *_sql.__all__, *_compat.__all__})
