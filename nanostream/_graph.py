@@ -315,9 +315,9 @@ def merge(*parts: Stage | Pipeline) -> Pipeline:
     ``ns.merge(a, b) | c`` is the same as ``(a, b) | c``; ``c`` ends only after
     every branch has ended.
 
-    >>> from nanostream import from_iterable
-    >>> sorted(merge(from_iterable([1, 2]), from_iterable([3])))
-    [1, 2, 3]
+    >>> from nanostream import from_iterable, transform
+    >>> sorted(merge(from_iterable([1, 2]), from_iterable([3])) | transform(str))
+    ['1', '2', '3']
     """
     if not parts:
         raise TypeError("merge needs at least one stage or pipeline")

@@ -40,9 +40,9 @@ class Report:
     >>> r = Report([StageStats("numbers", "source", items_out=3),
     ...             StageStats("show", "sink", items_in=3, busy=0.001)], elapsed=0.01)
     >>> print(r)
-    stage    kind       in  out  errors  busy s  items/s
-    numbers  source      -    3       0   0.000        -
-    show     sink        3    -       0   0.001      300
+    stage    kind    in  out  errors  busy s  items/s
+    numbers  source   -    3       0   0.000        -
+    show     sink     3    -       0   0.001      300
     elapsed 0.010 s
     """
 
