@@ -204,21 +204,25 @@ class Pipeline:
 
 
 def describe(p: Pipeline) -> str:
-    """``a | b | c`` for chains, ``a -> b, a -> c, ...`` for other graphs."""
+    """``a | b | (c, d | e)`` for trees; an edge list for graphs with fan-in.
+
+    >>> from nanostream import transform
+    >>> describe([1] | transform(abs) | (transform(str), transform(repr)))
+    'from_iterable | abs | (str, repr)'
+    """
     if not p._nodes:
         return ""
     succ, pred = p.successors(), p.predecessors()
-    if all(len(v) <= 1 for v in succ.values()) and all(len(v) <= 1 for v in pred.values()):
-        starts = [n for n in p._nodes if not pred[n]]
-        if len(starts) == 1:
-            chain, n = [], starts[0]
-            while True:
-                chain.append(n.stage.name)
-                if not succ[n]:
-                    break
-                n = succ[n][0]
-            if len(chain) == len(p._nodes):
-                return " | ".join(chain)
+    if all(len(v) <= 1 for v in pred.values()):
+        def tree(n: Node) -> str:
+            nxt = succ[n]
+            if not nxt:
+                return n.stage.name
+            if len(nxt) == 1:
+                return f"{n.stage.name} | {tree(nxt[0])}"
+            return f"{n.stage.name} | ({', '.join(tree(m) for m in nxt)})"
+        roots = [n for n in p._nodes if not pred[n]]
+        return " + ".join(tree(r) for r in roots)
     parts = [f"{a.stage.name} -> {b.stage.name}" for a, b in p._edges]
     lone = [n.stage.name for n in p._nodes if not succ[n] and not pred[n]]
     return ", ".join(parts + lone)

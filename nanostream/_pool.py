@@ -11,7 +11,6 @@ time spent. An engine (such as Dask) plugs in by providing its own pool.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
 import os
@@ -249,6 +248,7 @@ class ProcessPool:
 # -- async ---------------------------------------------------------------------
 
 async def _run_chunk_async(spec: TaskSpec, chunk: Chunk) -> Outcome:
+    import asyncio
     call, flavor = spec.call, spec.flavor
     results: list[Any] = []
     failures: list[tuple[int, BaseException]] = []
@@ -290,6 +290,7 @@ class AsyncPool:
     """An event loop in a thread of its own; each chunk runs as one task."""
 
     def __init__(self, spec: TaskSpec, n: int, name: str) -> None:
+        import asyncio
         self._spec = spec
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -299,6 +300,7 @@ class AsyncPool:
         self._ready.wait()
 
     def _main(self) -> None:
+        import asyncio
         asyncio.set_event_loop(self._loop)
         self._loop.call_soon(self._ready.set)
         try:
@@ -313,6 +315,7 @@ class AsyncPool:
             self._loop.close()
 
     def submit(self, chunk: Chunk) -> Future[Outcome]:
+        import asyncio
         return asyncio.run_coroutine_threadsafe(_run_chunk_async(self._spec, chunk), self._loop)
 
     def shutdown(self, abort: bool) -> None:

@@ -222,8 +222,10 @@ def test_pipeline_repr_and_stage_repr():
     assert repr(square.with_options(workers=4)) == "<transform 'square' workers=4>"
     assert repr(numbers(5)) == "<source 'numbers'(5)>"
     assert repr(scale(factor=2)) == "<transform 'scale'(factor=2)>"
-    fan = numbers(2) | (square, words)
-    assert "numbers -> square" in repr(fan) and "numbers -> words" in repr(fan)
+    fan = numbers(2) | (square, words | transform(str))
+    assert repr(fan) == "Pipeline(numbers | (square, words | str))"
+    fan_in = (numbers(2), ticks) | square
+    assert repr(fan_in) == "Pipeline(numbers -> square, ticks -> square)"
 
 
 def test_stages_and_pipelines_pickle():
