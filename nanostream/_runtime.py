@@ -25,7 +25,10 @@ __all__ = ["Run", "running", "stop_all"]
 
 log = logging.getLogger("nanostream")
 
-BATCH = 512            # most items a stage takes from its queue at once
+BATCH = 1024           # most items a stage takes from its queue at once
+BATCH_SECONDS = 0.002  # how long a batch of a single-worker stage should take
+SPLIT_AFTER = 8        # items seen on both sides before a fused link may split
+SPLIT_COST = 50e-6     # seconds per item on both sides of a fused link that split it
 GRACE = 5.0            # seconds a stage may take to notice a stop before it is named
 _RUNS: set[Run] = set()
 _RUNS_LOCK = threading.Lock()
@@ -353,9 +356,19 @@ class _SourceRunner(_Runner):
 # -- per-item stages in one thread ------------------------------------------------
 
 class _SingleRunner(_Runner):
-    """A per-item transform, filter or sink with one worker in a thread."""
+    """A per-item transform, filter or sink with one worker in a thread.
+
+    Chains of such stages are *fused*: the downstream stage runs in the upstream
+    stage's thread, called directly with each output batch instead of through a
+    queue (one thread hop instead of several, which is what makes cheap stages
+    fast under the GIL). A fused link splits into two threads on its own once
+    both sides turn out to be slow per item (I/O or heavy work), so that slow
+    stages still overlap; what the user observes does not change.
+    """
 
     kind = "single"
+    fused_next: _SingleRunner | None = None
+    fused_prev: _SingleRunner | None = None
 
     def start(self) -> None:
         self.setup_emit()
@@ -369,27 +382,71 @@ class _SingleRunner(_Runner):
                             "sink": self._fast_sink, "flatmap": self._fast_flatmap}[flavor]
         else:
             self.process = self._process_careful
-        self.spawn(self._body)
+        if self.fused_next is not None:
+            self.emit = self.fused_next.handle
+        if self.fused_prev is None:
+            self.spawn(self._body)
 
     def _body(self) -> None:
         get = self.inp.get  # type: ignore[union-attr]
-        process = self.process
+        handle = self.handle
         perf = time.perf_counter
+        limit = 16
         while True:
-            batch = get(BATCH)
+            batch = get(limit)
             if batch is None:
                 break
             t0 = perf()
-            out = process(batch)
-            self.busy += perf() - t0
-            self.items_in += len(batch)
-            if out:
-                self.items_out += len(out)
-                self.emit(out)
-            if self.outs_dead():
+            handle(batch)
+            # size the next batch so that one takes about BATCH_SECONDS: cheap stages
+            # get big batches, slow ones single items (so slow stages still pipeline)
+            per_item = (perf() - t0) / len(batch)
+            want = int(BATCH_SECONDS / per_item) if per_item > 0 else BATCH
+            limit = max(1, min(BATCH, want, 2 * limit))
+            if self.dead():
                 self.inp.discard()  # type: ignore[union-attr]
                 break
         self.finish()
+
+    def handle(self, batch: list[Any]) -> None:
+        """Process one batch and pass the outputs on (called by a fused upstream too)."""
+        t0 = time.perf_counter()
+        try:
+            out = self.process(batch)
+        except _ItemFailure as f:
+            raise _Failed(StageError(self.name, f.item, f.exc)) from None
+        self.busy += time.perf_counter() - t0
+        self.items_in += len(batch)
+        if out:
+            self.items_out += len(out)
+            self.emit(out)
+        nxt = self.fused_next
+        if nxt is not None and nxt.items_in >= SPLIT_AFTER and self.items_in >= SPLIT_AFTER \
+                and self.busy > SPLIT_COST * self.items_in and nxt.busy > SPLIT_COST * nxt.items_in:
+            self._split()
+
+    def _split(self) -> None:
+        """Give the fused downstream stage a thread of its own, fed by its queue."""
+        nxt = self.fused_next
+        assert nxt is not None
+        self.fused_next = None
+        nxt.fused_prev = None
+        self.setup_emit()
+        nxt.spawn(nxt._body)
+        with self.run._lock:
+            self.run._alive += 1
+        nxt.threads[-1].start()
+        log.debug("unfused %r -> %r: both are slow per item", self.name, nxt.name)
+
+    def dead(self) -> bool:
+        nxt = self.fused_next
+        return nxt.dead() if nxt is not None else self.outs_dead()
+
+    def finish(self) -> None:
+        self.close_outs()
+        nxt = self.fused_next
+        if nxt is not None:
+            nxt.finish()
 
     # fast paths: C-level loops; on failure, find the item from the iterator's position
 
@@ -844,6 +901,8 @@ class Run:
     (True, [0, 1, 2], False)
     """
 
+    fuse = True  # class-wide switch, so tests can run every shape unfused too
+
     def __init__(self, pipeline: Pipeline, engine: Any = None, progress: bool = False,
                  collect: bool = False) -> None:
         self.pipeline = pipeline
@@ -925,6 +984,17 @@ class Run:
             if self._collect and n is ends[0]:
                 r.outs = [(self.collector, False)]  # type: ignore[list-item]
             runners[n] = r
+        if self.fuse:
+            for n in order:
+                r = runners[n]
+                preds = pred[n]
+                if (isinstance(r, _SingleRunner) and len(preds) == 1
+                        and isinstance(runners[preds[0]], _SingleRunner)
+                        and len(succ[preds[0]]) == 1
+                        and not (self._collect and preds[0] is ends[0])):
+                    up = runners[preds[0]]
+                    assert isinstance(up, _SingleRunner)
+                    up.fused_next, r.fused_prev = r, up
         self.runners = [runners[n] for n in order]
         self._wakeables.extend(channels.values())
         if self.collector is not None:
