@@ -571,7 +571,9 @@ class _PoolRunner(_Runner):
     A feeder thread takes chunks from the input queue and submits them; an emitter
     thread passes the results on, in input order when ``ordered``. A bounded
     number of chunks is in flight (``workers`` for async, ``2 * workers``
-    otherwise), which is also the reorder window.
+    otherwise: a slot frees as a chunk completes, so the pool never idles behind
+    a slow head-of-line chunk), and at most twice that many are held for
+    reordering.
     """
 
     kind = "pool"
@@ -596,7 +598,8 @@ class _PoolRunner(_Runner):
             self.pool = ThreadPool(spec, workers, self.name, sleep=self.run._sleep)
             window, self.target = 2 * workers, 0.001
         self.ordered = st.option("ordered")
-        self.slots = _Slots(window, self.run)
+        self.slots = _Slots(window, self.run)       # chunks running or queued in the pool
+        self.reorder = _Slots(2 * window, self.run)  # chunks not yet passed on (reorder window)
         self.results = Channel(1 << 30, name=f"{self.name}:results")
         self.run._wakeables.append(self.results)
         self.chunk = 1
@@ -612,6 +615,7 @@ class _PoolRunner(_Runner):
                 batch = get(self.chunk)
                 if batch is None or self.outs_dead():
                     break
+                self.reorder.acquire()
                 self.slots.acquire()
                 if self.tracked:
                     xs = [x for x, _ in batch]
@@ -636,6 +640,7 @@ class _PoolRunner(_Runner):
         results = self.results
 
         def done(fut: Any) -> None:
+            self.slots.release()
             try:
                 results.put((seq, fut))
             except Aborted:
@@ -676,7 +681,7 @@ class _PoolRunner(_Runner):
 
     def _finish_chunk(self, seq: int, fut: Any) -> None:
         xs, ts = self.pending.pop(seq)
-        self.slots.release()
+        self.reorder.release()
         try:
             results, failures, secs = fut.result()
         except Exception as exc:
