@@ -118,23 +118,25 @@ class Channel:
     def _put_slow(self, items: list[Any]) -> None:
         dq = self._dq
         with self._lock:
-            while True:
-                if self._aborted:
-                    raise Aborted
-                if self.discarding:
-                    drop = items
-                    break
-                n = len(dq)
-                if not n or n + len(items) <= self.capacity:
-                    dq.extend(items)
-                    if self._get_waiting:
-                        self._not_empty.notify()
-                    return
-                self._put_waiting += 1
-                try:
+            # counted as waiting *before* looking at the queue, so a consumer that
+            # empties it from now on sees the count and wakes us (no lost wake-up)
+            self._put_waiting += 1
+            try:
+                while True:
+                    if self._aborted:
+                        raise Aborted
+                    if self.discarding:
+                        drop = items
+                        break
+                    n = len(dq)
+                    if not n or n + len(items) <= self.capacity:
+                        dq.extend(items)
+                        if self._get_waiting:
+                            self._not_empty.notify()
+                        return
                     self._not_full.wait()
-                finally:
-                    self._put_waiting -= 1
+            finally:
+                self._put_waiting -= 1
         if self._on_discard is not None:
             self._on_discard(drop)
 
@@ -168,20 +170,21 @@ class Channel:
     def _get_slow(self, limit: int, timeout: float | None) -> list[Any] | None:
         dq = self._dq
         with self._lock:
-            while not dq:
-                if self._aborted:
-                    raise Aborted
-                if self._open <= 0:
-                    return None
-                self._get_waiting += 1
-                try:
-                    signalled = self._not_empty.wait(timeout)
-                finally:
-                    self._get_waiting -= 1
-                if not signalled and not dq:
+            # counted as waiting *before* looking at the queue (see _put_slow)
+            self._get_waiting += 1
+            try:
+                while not dq:
                     if self._aborted:
                         raise Aborted
-                    return [] if self._open > 0 else None
+                    if self._open <= 0:
+                        return None
+                    signalled = self._not_empty.wait(timeout)
+                    if not signalled and not dq:
+                        if self._aborted:
+                            raise Aborted
+                        return [] if self._open > 0 else None
+            finally:
+                self._get_waiting -= 1
             if self._aborted:
                 raise Aborted
             n = min(len(dq), limit)
