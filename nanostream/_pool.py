@@ -198,6 +198,7 @@ class ProcessPool:
                     data = read_frame(proc.stdout)
                     if data is None:
                         code = proc.wait()
+                        _close_pipes(proc)
                         proc = None
                         raise RuntimeError(f"the worker process of stage {self._name!r} died "
                                            f"(exit code {code}) while handling this item")
@@ -221,6 +222,7 @@ class ProcessPool:
                 except Exception:
                     proc.kill()
                     proc.wait()
+                _close_pipes(proc)
 
     def submit(self, chunk: Chunk) -> Future[Outcome]:
         import cloudpickle
@@ -243,6 +245,14 @@ class ProcessPool:
 
     def alive(self) -> list[Any]:
         return [p for p in self._procs if p is not None and p.poll() is None]
+
+
+def _close_pipes(proc: Any) -> None:
+    for pipe in (proc.stdin, proc.stdout):
+        try:
+            pipe.close()
+        except OSError:  # a broken pipe on the final flush: the file is closed anyway
+            pass
 
 
 # -- async ---------------------------------------------------------------------
