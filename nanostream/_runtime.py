@@ -536,8 +536,8 @@ class _SingleRunner(_Runner):
                 try:
                     r = self._call_one(x)
                 except Exception as exc:
+                    self.handle_error(x, exc)  # raises under on_error="raise"
                     done.append(t)  # an item an error policy skips is handled
-                    self.handle_error(x, exc)
                     continue
                 if flavor == "map":
                     out.append((r, t))
@@ -694,12 +694,9 @@ class _PoolRunner(_Runner):
         failed = dict(failures)
         for i, exc in failures:
             if i < len(xs):
-                try:
-                    self.handle_error(xs[i], exc)
-                except _Failed:
-                    if ts is not None:
-                        release(ts)
-                    raise
+                # raises under on_error="raise": the chunk's items are then never
+                # reported done (the run failed before handling them)
+                self.handle_error(xs[i], exc)
         flavor = self.stage.flavor
         out: list[Any] = []
         if ts is None:
@@ -832,10 +829,10 @@ class _StreamRunner(_Runner):
                     pass
         finally:
             source.close()
-            if self.tracked:
-                release(pending)
-                release(held)
-                release([current[0]])
+        if self.tracked:  # only when the stage ended well: a failed run reports nothing
+            release(pending)
+            release(held)
+            release([current[0]])
         self.finish()
 
     def _consume(self, result: Iterator[Any]) -> None:
