@@ -17,6 +17,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 HELPERS = {"local_kafka.py"}
 TESTED = {"file_to_sqlite.py", "kafka_etl.py", "fan_out.py", "cpu_bound.py", "seed_example.py"}
 
+needs_files = pytest.mark.skipif(not hasattr(ns, "read_jsonl"), reason="waits for ns.read_jsonl")
 needs_sql = pytest.mark.skipif(not hasattr(ns, "sql_sink"), reason="waits for ns.sql_sink")
 needs_kafka = pytest.mark.skipif(importlib.util.find_spec("nanostream.kafka") is None,
                                  reason="waits for nanostream.kafka")
@@ -57,6 +58,7 @@ def test_file_to_sqlite_reads_a_given_csv(tmp_path):
     assert "1 broken rows skipped" in out
 
 
+@needs_files
 def test_fan_out(tmp_path):
     out = run_example("fan_out.py", "--out", str(tmp_path))
     m = re.search(r"(\d+) events archived, (\d+) rows in the summary", out)
