@@ -1012,8 +1012,16 @@ class Run:
                                    "pipeline.start() to run the pipeline again")
             self._started = True
         self._started_at = time.monotonic()
-        for r in self.runners:
-            r.start()
+        try:
+            for r in self.runners:
+                r.start()
+        except BaseException:
+            # a stage that cannot start (e.g. an unpicklable function for
+            # executor='process'): shut down the pools the stages before it started
+            for r in self.runners:
+                r.on_abort()
+            self._done.set()
+            raise
         threads = [t for r in self.runners for t in r.threads]
         self._alive = len(threads)
         with _RUNS_LOCK:
