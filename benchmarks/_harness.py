@@ -281,6 +281,7 @@ def run_workload(
     wl: Workload, *, quick: bool, repeat: int, timeout: float | None, quiet: bool
 ) -> dict[str, Any]:
     params = wl.params(quick)
+    load_start = _loadavg()
     note = None
     if wl.setup is not None:
         note = wl.setup(params)
@@ -322,7 +323,29 @@ def run_workload(
             except Exception as exc:
                 o.status, o.error = "error", _describe(exc)
                 _log(f"[{wl.id}] {o.contender.name}: error\n{traceback.format_exc()}", quiet)
-    return {"workload": wl, "params": params, "note": note, "outcomes": outcomes}
+    return {
+        "workload": wl,
+        "params": params,
+        "note": note,
+        "outcomes": outcomes,
+        "load": (load_start, _loadavg()),
+    }
+
+
+def _loadavg() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+def _busy(load: float) -> bool:
+    """A 1-minute load above half the usable cores means the figures compete with others."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return load > cores / 2
 
 
 def _ratio(wl: Workload, value: float, base: float | None) -> float | None:
@@ -418,6 +441,11 @@ def render(
             )
         if res.get("note"):
             rows.append(["", f"  ({res['note']})", "", "", "", "", ""])
+        load = res.get("load")
+        if load and any(_busy(x) for x in load):
+            rows.append(
+                ["", f"  (busy machine: load {load[0]:.1f} -> {load[1]:.1f})", "", "", "", "", ""]
+            )
     for wid, err in sorted(module_errors.items(), key=lambda kv: _id_key(kv[0])):
         rows.append([wid, "(module)", f"error: {err}", "", "", "", ""])
 
@@ -441,7 +469,9 @@ def render(
     lines = [
         f"nanostream benchmarks | {info['cpu']} | {info['cores']} cores "
         f"({info['usable_cores']} usable) | {info['python']} | {info['platform']} | "
-        f"{info['date']} | load {info['loadavg_1m']:.2f} | {header_extra}",
+        f"{info['date']} | load {info['loadavg_1m']:.2f}"
+        + (" (BUSY: figures unreliable)" if _busy(info["loadavg_1m"]) else "")
+        + f" | {header_extra}",
         fmt_row(head),
         "  ".join("-" * w for w in widths),
     ]
@@ -468,6 +498,7 @@ def to_json(
             "target": wl.target.text if wl.target else None,
             "params": {k: v for k, v in res["params"].items() if _jsonable(v)},
             "note": res["note"],
+            "loadavg_1m_start_end": res.get("load"),
             "contenders": [],
         }
         for s in summarize(res):
