@@ -1172,24 +1172,25 @@ class Run:
     # whole-run helpers -----------------------------------------------------------
 
     def run_to_end(self, timeout: float | None) -> Report:
-        self.start()
         try:
+            self.start()  # inside the try: a Ctrl-C may land while threads start
             if not self.join(timeout):
                 self.stop(drain=False)
                 raise TimeoutError(f"the pipeline did not finish within {timeout} s and was "
                                    "stopped; pass a larger timeout, or use start() and "
                                    "stop() to run it for a while")
         except KeyboardInterrupt:
-            self.stop(drain=False)
+            if self._started:
+                self.stop(drain=False)
             raise
         return self.stats()
 
     def iterate(self) -> Iterator[Any]:
-        self.start()
         ch = self.collector
         assert ch is not None
         tracked = self._collect_tracked
         try:
+            self.start()  # inside the try: a Ctrl-C may land while threads start
             while True:
                 try:
                     batch = ch.get(BATCH)
@@ -1205,7 +1206,7 @@ class Run:
                     yield from batch
             self.join()
         finally:
-            if not self._done.is_set():
+            if self._started and not self._done.is_set():
                 self.stop(drain=False)
 
     def _repr_html_(self) -> str | None:
