@@ -675,6 +675,11 @@ class _PoolRunner(_Runner):
             if self.outs_dead():
                 self.inp.discard()  # type: ignore[union-attr]
             failed = False
+        except _Failed as f:
+            # recorded before the pool shuts down: the errors that shutdown causes
+            # elsewhere (e.g. the feeder submitting to a closed pool) must not win
+            self.run._fail(f.error)
+            raise
         finally:
             self.pool.shutdown(abort=failed or self.run._aborted)
         self.finish()
