@@ -317,6 +317,18 @@ def test_outside_a_kernel_no_live_view():
     assert not _display._in_kernel()
 
 
+def test_without_ipywidgets_a_running_run_is_a_snapshot(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)   # not installed
+    monkeypatch.setattr(_display, "_in_kernel", lambda: True)
+    gate = threading.Event()
+    run = (ns.from_iterable([1, 2]) | ns.sink(lambda x: gate.wait())).start()
+    try:
+        assert "Run running" in run._repr_html_()
+    finally:
+        gate.set()
+        run.join(timeout=30)
+
+
 # -- progress -------------------------------------------------------------------------
 
 class FakeBar:
@@ -386,8 +398,8 @@ def test_progress_without_tqdm_warns_and_the_run_still_works(monkeypatch, caplog
 
 
 def test_notebook_progress_bar_inside_jupyter(monkeypatch):
-    pytest.importorskip("ipywidgets")
     monkeypatch.setattr(_display, "_in_kernel", lambda: True)
+    monkeypatch.setattr(_display, "_have_ipywidgets", lambda: True)
     from tqdm.notebook import tqdm as notebook_tqdm
     assert _display._tqdm_class() is notebook_tqdm
     monkeypatch.setattr(_display, "_in_kernel", lambda: False)
