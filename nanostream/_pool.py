@@ -326,7 +326,12 @@ class AsyncPool:
 
     def submit(self, chunk: Chunk) -> Future[Outcome]:
         import asyncio
-        return asyncio.run_coroutine_threadsafe(_run_chunk_async(self._spec, chunk), self._loop)
+        coro = _run_chunk_async(self._spec, chunk)
+        try:
+            return asyncio.run_coroutine_threadsafe(coro, self._loop)
+        except BaseException:
+            coro.close()  # the loop is closed: never awaited, but no warning either
+            raise
 
     def shutdown(self, abort: bool) -> None:
         if not self._loop.is_closed():
