@@ -627,10 +627,12 @@ class _PoolRunner(_Runner):
                 try:
                     fut = self.pool.submit(xs)
                 except Exception as exc:
-                    raise _Failed(StageError(self.name, xs[0], exc, detail=(
-                        "the item could not be sent to a worker process; items for "
-                        "executor='process' must be picklable"
-                        if self.stage.option("executor") == "process" else None))) from None
+                    process = self.stage.option("executor") == "process"
+                    raise _Failed(StageError(
+                        self.name, _first_unpicklable(xs) if process else xs[0], exc, detail=(
+                            "the item could not be sent to a worker process; items for "
+                            "executor='process' must be picklable"
+                            if process else None))) from None
                 fut.add_done_callback(self._done_callback(seq))
                 seq += 1
         finally:
@@ -883,6 +885,17 @@ class _StreamRunner(_Runner):
                 emit([y])
             if self.outs_dead():
                 return
+
+
+def _first_unpicklable(xs: list[Any]) -> Any:
+    """The item of a chunk that cannot be pickled (the chunk's first if none alone)."""
+    import cloudpickle
+    for x in xs:
+        try:
+            cloudpickle.dumps(x)
+        except Exception:
+            return x
+    return xs[0]
 
 
 def _releaser(t: Ticket) -> Callable[[], None]:
