@@ -655,6 +655,7 @@ class _PoolRunner(_Runner):
         handled = 0
         waiting: dict[int, Any] = {}
         next_seq = 0
+        fail_fast = self.stage.option("on_error") == "raise"
         failed = True
         try:
             while total < 0 or handled < total:
@@ -665,7 +666,10 @@ class _PoolRunner(_Runner):
                     if fut is _END:
                         total = seq
                     elif self.ordered:
-                        waiting[seq] = fut
+                        fut = _Settled(fut)
+                        if fut.error is not None or (fail_fast and fut.value[1]):
+                            self._finish_chunk(seq, fut)  # raises: an error does not wait
+                        waiting[seq] = fut                # for slower chunks before it
                     else:
                         self._finish_chunk(seq, fut)
                         handled += 1
@@ -745,6 +749,25 @@ class _PoolRunner(_Runner):
                 pool.shutdown(abort=True)
             except Exception:
                 log.exception("shutting down the pool of %r failed", self.name)
+
+
+class _Settled:
+    """A finished future's outcome, fetched once (an ordered stage may hold it a while)."""
+
+    __slots__ = ("error", "value")
+
+    def __init__(self, fut: Any) -> None:
+        self.error: BaseException | None = None
+        self.value: Any = None
+        try:
+            self.value = fut.result()
+        except Exception as exc:
+            self.error = exc
+
+    def result(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 # -- stream=True stages -----------------------------------------------------------
