@@ -117,8 +117,22 @@ class ThreadPool:
         return fut
 
     def shutdown(self, abort: bool) -> None:
+        if abort:  # drop the chunks no worker has started
+            import queue
+            while True:
+                try:
+                    job = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    job[0].cancel()
         for _ in self._threads:
             self._q.put(None)
+
+    def join(self) -> None:
+        """Wait for the workers to end (after :meth:`shutdown`)."""
+        for t in self._threads:
+            t.join()
 
     def alive(self) -> list[threading.Thread]:
         return [t for t in self._threads if t.is_alive()]

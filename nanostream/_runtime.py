@@ -688,6 +688,11 @@ class _PoolRunner(_Runner):
             raise
         finally:
             self.pool.shutdown(abort=failed or self.run._aborted)
+            join = getattr(self.pool, "join", None)
+            if join is not None:
+                # a worker stuck in a call keeps this thread, and so the run, alive:
+                # then the grace-period warning names this stage
+                join()
         self.finish()
 
     def _finish_chunk(self, seq: int, fut: Any) -> None:
