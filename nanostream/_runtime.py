@@ -218,8 +218,12 @@ class _Runner:
         """Called once when the node is done: close what it feeds."""
         self.close_outs()
 
+    batch: list[Any] | None = None  # the batch being handled, if any
+
     def on_abort(self) -> None:
-        pass
+        batch = self.batch
+        if batch:
+            batch.clear()  # the rest of the batch is abandoned: no more calls after an abort
 
     def stats(self) -> StageStats:
         return StageStats(self.name, self.stage.kind, self.stage.option("workers")
@@ -411,6 +415,7 @@ class _SingleRunner(_Runner):
     def handle(self, batch: list[Any]) -> None:
         """Process one batch and pass the outputs on (called by a fused upstream too)."""
         t0 = time.perf_counter()
+        self.batch = batch
         try:
             out = self.process(batch)
         except _ItemFailure as f:
@@ -804,6 +809,7 @@ class _StreamRunner(_Runner):
                     yield TICK
                 continue
             self.items_in += len(batch)
+            self.batch = batch
             yield from batch
 
     def _body(self) -> None:
@@ -1104,13 +1110,13 @@ class Run:
                 return
             self._aborted = True
             self._aborted_at = time.monotonic()
-        self._abort_event.set()
         for r in self.runners:
             r.stop_requested = True
         for w in list(self._wakeables):
             w.abort()
         for r in self.runners:
             r.on_abort()
+        self._abort_event.set()  # last: whoever it wakes finds the run torn down
 
     def _sleep(self, seconds: float) -> None:
         """Sleep for a retry backoff, waking up (and giving up) if the run aborts."""
