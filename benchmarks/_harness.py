@@ -258,6 +258,7 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(terse=True),
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "loadavg_1m": load,
+        "others_busy_cores": others_busy_cores(),
     }
 
 
@@ -281,7 +282,7 @@ def run_workload(
     wl: Workload, *, quick: bool, repeat: int, timeout: float | None, quiet: bool
 ) -> dict[str, Any]:
     params = wl.params(quick)
-    load_start = _loadavg()
+    others_before = others_busy_cores()
     note = None
     if wl.setup is not None:
         note = wl.setup(params)
@@ -328,24 +329,36 @@ def run_workload(
         "params": params,
         "note": note,
         "outcomes": outcomes,
-        "load": (load_start, _loadavg()),
+        "others": (others_before, others_busy_cores()),
     }
 
 
-def _loadavg() -> float:
+def others_busy_cores(window: float = 0.5) -> float | None:
+    """CPU cores kept busy by *other* processes, sampled while the suite sits idle.
+
+    Busy time from /proc/stat (user, nice, system, irq, softirq, steal) over a short
+    idle window, minus this process's own CPU time. None where /proc/stat is missing.
+    """
+
+    def busy() -> float:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+        return (sum(vals[0:3]) + sum(vals[5:8])) / os.sysconf("SC_CLK_TCK")
+
+    def own() -> float:
+        t = os.times()
+        return t.user + t.system
+
     try:
-        return os.getloadavg()[0]
-    except OSError:
-        return float("nan")
+        b0, o0, t0 = busy(), own(), time.perf_counter()
+        time.sleep(window)
+        b1, o1, t1 = busy(), own(), time.perf_counter()
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, ((b1 - b0) - (o1 - o0)) / (t1 - t0))
 
 
-def _busy(load: float) -> bool:
-    """A 1-minute load above half the usable cores means the figures compete with others."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return load > cores / 2
+BUSY_CORES = 0.3  # other processes using more than this: figures are unreliable
 
 
 def _ratio(wl: Workload, value: float, base: float | None) -> float | None:
@@ -440,23 +453,28 @@ def render(
                 ]
             )
         if res.get("note"):
-            rows.append(["", f"  ({res['note']})", "", "", "", "", ""])
-        load = res.get("load")
-        if load and any(_busy(x) for x in load):
-            rows.append(
-                ["", f"  (busy machine: load {load[0]:.1f} -> {load[1]:.1f})", "", "", "", "", ""]
-            )
+            rows.append([f"({res['note']})"])  # a one-cell row: free text
+        others = [x for x in res.get("others", ()) if x is not None]
+        if others and max(others) > BUSY_CORES:
+            before_after = " / ".join(f"{x:.1f}" for x in others)
+            rows.append([f"(busy machine: others used {before_after} cores just before / after)"])
     for wid, err in sorted(module_errors.items(), key=lambda kv: _id_key(kv[0])):
         rows.append([wid, "(module)", f"error: {err}", "", "", "", ""])
 
     head = ["workload", "contender", "median", "spread", "vs baseline", "target", "result"]
     # error texts are long: let them overflow instead of widening the median column
     widths = [
-        max(len(r[i]) for r in [head, *rows] if not (i == 2 and r[i].startswith("error: ")))
+        max(
+            len(r[i])
+            for r in [head, *rows]
+            if len(r) > 1 and not (i == 2 and r[i].startswith("error: "))
+        )
         for i in range(len(head))
     ]
 
     def fmt_row(r: list[str]) -> str:
+        if len(r) == 1:  # free text under the contender column
+            return " " * (widths[0] + 2) + r[0]
         if r[2].startswith("error: "):
             # the error text takes the rest of the line
             return (
@@ -470,13 +488,17 @@ def render(
         f"nanostream benchmarks | {info['cpu']} | {info['cores']} cores "
         f"({info['usable_cores']} usable) | {info['python']} | {info['platform']} | "
         f"{info['date']} | load {info['loadavg_1m']:.2f}"
-        + (" (BUSY: figures unreliable)" if _busy(info["loadavg_1m"]) else "")
+        + (
+            f", others busy {info['others_busy_cores']:.1f} cores: FIGURES UNRELIABLE"
+            if (info.get("others_busy_cores") or 0) > BUSY_CORES
+            else ""
+        )
         + f" | {header_extra}",
         fmt_row(head),
         "  ".join("-" * w for w in widths),
     ]
     for r in rows:
-        if r[0] and len(lines) > 3:
+        if len(r) > 1 and r[0] and len(lines) > 3:
             lines.append("")
         lines.append(fmt_row(r))
     return "\n".join(lines)
@@ -498,7 +520,7 @@ def to_json(
             "target": wl.target.text if wl.target else None,
             "params": {k: v for k, v in res["params"].items() if _jsonable(v)},
             "note": res["note"],
-            "loadavg_1m_start_end": res.get("load"),
+            "others_busy_cores_before_after": res.get("others"),
             "contenders": [],
         }
         for s in summarize(res):
