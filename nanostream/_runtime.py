@@ -308,18 +308,11 @@ class _SourceRunner(_Runner):
         if len(self.outs) == 1 and not self.outs[0][1]:
             ch = self.outs[0][0]
             put = ch.put
-            n = 0
-            try:
-                for x in self._guarded(it):
-                    n += 1
-                    put(x)
-                    if self.stop_requested or ch.discarding:
-                        return
-                    if not n & 255:
-                        self.items_out += n
-                        n = 0
-            finally:
-                self.items_out += n
+            for x in self._guarded(it):
+                self.items_out += 1  # per item: a slow source's count must be live
+                put(x)
+                if self.stop_requested or ch.discarding:
+                    return
         else:
             emit = self.emit
             for x in self._guarded(it):
