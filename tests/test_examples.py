@@ -11,14 +11,10 @@ from pathlib import Path
 
 import pytest
 
-import nanostream as ns
-
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 HELPERS = {"local_kafka.py"}
 TESTED = {"file_to_sqlite.py", "kafka_etl.py", "fan_out.py", "cpu_bound.py", "seed_example.py"}
 
-needs_files = pytest.mark.skipif(not hasattr(ns, "read_jsonl"), reason="waits for ns.read_jsonl")
-needs_sql = pytest.mark.skipif(not hasattr(ns, "sql_sink"), reason="waits for ns.sql_sink")
 needs_kafka = pytest.mark.skipif(importlib.util.find_spec("nanostream.kafka") is None,
                                  reason="waits for nanostream.kafka")
 
@@ -35,7 +31,6 @@ def test_every_example_is_tested():
     assert scripts - HELPERS == TESTED
 
 
-@needs_sql
 def test_file_to_sqlite(tmp_path):
     db = tmp_path / "orders.db"
     out = run_example("file_to_sqlite.py", "--db", str(db))
@@ -49,7 +44,6 @@ def test_file_to_sqlite(tmp_path):
             .startswith("Customer ")
 
 
-@needs_sql
 def test_file_to_sqlite_reads_a_given_csv(tmp_path):
     csv = tmp_path / "in.csv"
     csv.write_text("id,customer,amount,country\n1, ada ,10.5,fr\n2,bob,oops,de\n")
@@ -58,7 +52,6 @@ def test_file_to_sqlite_reads_a_given_csv(tmp_path):
     assert "1 broken rows skipped" in out
 
 
-@needs_files
 def test_fan_out(tmp_path):
     out = run_example("fan_out.py", "--out", str(tmp_path))
     m = re.search(r"(\d+) events archived, (\d+) rows in the summary", out)
