@@ -244,6 +244,8 @@ def test_finite_senders_end_the_graph_with_ordered_results():
     graph.start()
     assert graph.join(timeout=30)
     assert sink.seen == [2 * i for i in range(1000)]
+    stats = graph.run.stats()
+    assert stats["Numbers"].items_out == stats["Double"].items_in == 1000
 
 
 def test_none_is_dropped_and_queue_message_inside_process_item_sends_more():
