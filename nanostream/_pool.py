@@ -191,7 +191,13 @@ class ProcessPool:
         proc = subprocess.Popen([sys.executable, "-m", "nanostream._worker"],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self._env)
         self._procs[i] = proc
-        write_frame(proc.stdin, self._spec_bytes)
+        try:
+            write_frame(proc.stdin, self._spec_bytes)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            _close_pipes(proc)
+            raise
         return proc
 
     def _serve(self, i: int) -> None:
@@ -203,10 +209,15 @@ class ProcessPool:
                 if job is None:
                     return
                 fut, payload = job
+                if self._closing:  # aborted: start no new worker for what is queued
+                    fut.cancel()
+                    continue
                 if not fut.set_running_or_notify_cancel():
                     continue
                 try:
                     if proc is None or proc.poll() is not None:
+                        if proc is not None:
+                            _close_pipes(proc)  # the worker died (or was killed) while idle
                         proc = self._spawn(i)
                     write_frame(proc.stdin, payload)
                     data = read_frame(proc.stdout)
