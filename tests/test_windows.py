@@ -1,0 +1,527 @@
+"""Windows: tumbling / sliding / session, by count, processing time and event time.
+
+Time runs on a virtual clock. Exact semantics are checked by calling the window
+stage directly on an iterator (a stage called with its input runs its function),
+with ``TICK`` markers standing for "no item arrived for a while"; a few pipeline
+tests then check the runtime wiring (ticks, end of stream, stop(drain=True)) with
+Event handshakes, never sleeps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from itertools import groupby
+
+import pytest
+import toolz
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import nanostream as ns
+from nanostream import Window
+from nanostream._runtime import TICK
+
+
+class VirtualClock:
+    """A clock that only moves when told to; every read is counted and announced."""
+
+    def __init__(self, t: float = 0.0) -> None:
+        self.t = t
+        self.reads = 0
+        self.cond = threading.Condition()
+
+    def __call__(self) -> float:
+        with self.cond:
+            self.reads += 1
+            self.cond.notify_all()
+            return self.t
+
+    def wait_for(self, predicate, timeout: float = 10.0) -> None:
+        with self.cond:
+            assert self.cond.wait_for(predicate, timeout), "timed out waiting on the clock"
+
+
+def wait_read_after_pull(run, stage: str, clock: VirtualClock) -> None:
+    """Block until ``stage`` took its (single) item and read the clock for it.
+
+    Once the stage took the item, the first clock read that starts afterwards is
+    the read for that item or a later idle tick; either way the item is timed.
+    """
+    clock.wait_for(lambda: run.stats()[stage].items_in >= 1)
+    r0 = clock.reads
+    clock.wait_for(lambda: clock.reads > r0)
+
+
+def drive(stage, script, clock=None):
+    """Run ``stage`` directly (in this thread) over a scripted input.
+
+    ``script`` is a list of ``("at", t)`` (set the clock), ``("tick",)`` and
+    ``("item", x)`` steps. Returns ``(outputs, pulled)`` where ``pulled[i]`` is how
+    many items had been taken when output ``i`` came out.
+    """
+    count = [0]
+
+    def feed():
+        for step in script:
+            if step[0] == "at":
+                clock.t = step[1]
+            elif step[0] == "tick":
+                yield TICK
+            else:
+                count[0] += 1
+                yield step[1]
+
+    outs, pulled = [], []
+    for w in stage(feed()):
+        outs.append(w)
+        pulled.append(count[0])
+    return outs, pulled
+
+
+def values(ws):
+    return [w.value for w in ws]
+
+
+# -- count windows ----------------------------------------------------------------------
+
+def test_tumbling_count_examples():
+    assert list(range(7) | ns.tumbling(size=3)) == [
+        Window(None, 0, 3, [0, 1, 2]), Window(None, 3, 6, [3, 4, 5]), Window(None, 6, 7, [6])]
+    assert values(range(7) | ns.tumbling(3, agg=sum)) == [3, 12, 6]
+    assert list([] | ns.tumbling(size=3)) == []
+    assert list([5] | ns.tumbling(size=3)) == [Window(None, 0, 1, [5])]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers()), st.integers(1, 6))
+def test_tumbling_count_matches_partition_all(xs, n):
+    got = ns.tumbling(size=n)(xs)
+    assert [tuple(w.value) for w in got] == list(toolz.partition_all(n, xs))
+    got = list(ns.tumbling(size=n, agg=sum)(xs))
+    assert [w.value for w in got] == [sum(p) for p in toolz.partition_all(n, xs)]
+    sizes = [len(p) for p in toolz.partition_all(n, xs)]
+    assert [w.end - w.start for w in got] == sizes
+
+
+def ref_sliding(xs, size, step):
+    """Full windows [k*step, k*step+size); then, at the end, the first window not
+    emitted if it holds items that no emitted window holds."""
+    out, k = [], 0
+    while k * step + size <= len(xs):
+        out.append((k * step, xs[k * step:k * step + size]))
+        k += 1
+    covered = (k - 1) * step + size if k else 0
+    if k * step < len(xs) and len(xs) > covered:
+        out.append((k * step, xs[k * step:]))
+    return out
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(), max_size=30), st.integers(1, 6), st.data())
+def test_sliding_count_matches_reference(xs, size, data):
+    step = data.draw(st.integers(1, size))
+    got = list(ns.sliding(size=size, step=step)(xs))
+    assert [(w.start, w.value) for w in got] == ref_sliding(xs, size, step)
+    assert all(w.end == w.start + len(w.value) for w in got)
+    if step == 1 and len(xs) >= size:
+        assert [tuple(w.value) for w in got] == list(toolz.sliding_window(size, xs))
+    if step == size:
+        assert [w.value for w in got] == [w.value for w in ns.tumbling(size=size)(xs)]
+
+
+def test_sliding_count_edges():
+    assert values(range(5) | ns.sliding(size=3)) == [[0, 1, 2], [1, 2, 3], [2, 3, 4]]
+    assert values(range(2) | ns.sliding(size=3)) == [[0, 1]]  # shorter than a window
+    assert values(range(6) | ns.sliding(size=3, step=2)) == [[0, 1, 2], [2, 3, 4], [4, 5]]
+    assert values(range(5) | ns.sliding(size=3, step=2)) == [[0, 1, 2], [2, 3, 4]]
+    assert list([] | ns.sliding(size=3)) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.integers())), st.integers(1, 4),
+       st.data())
+def test_keyed_count_windows_are_per_key(pairs, size, data):
+    step = data.draw(st.integers(1, size))
+    got = list(ns.sliding(size=size, step=step, key=lambda p: p[0])(pairs))
+    for k, group in toolz.groupby(lambda p: p[0], pairs).items():
+        mine = [(w.start, w.value) for w in got if w.key == k]
+        assert mine == ref_sliding(group, size, step)
+    # windows come out as soon as they fill: in the order their last item arrived
+    full = [w for w in got if len(w.value) == size]
+    index = {id(p): i for i, p in enumerate(pairs)}
+    assert [index[id(w.value[-1])] for w in full] == sorted(index[id(w.value[-1])] for w in full)
+
+
+def test_keyed_running_aggregate_by_dict_key():
+    rows = [{"user": u, "n": n} for u, n in ["a1", "b2", "a3", "a4", "b5"]]
+    got = list(rows | ns.tumbling(size=2, key="user", agg=lambda rs: sum(int(r["n"]) for r in rs)))
+    assert got == [Window("a", 0, 2, 4), Window("b", 0, 2, 7), Window("a", 2, 3, 4)]
+
+
+def test_count_window_is_emitted_right_after_its_last_item():
+    outs, pulled = drive(ns.tumbling(size=2), [("item", i) for i in range(5)])
+    assert pulled == [2, 4, 5]
+    outs, pulled = drive(ns.sliding(size=3), [("item", i) for i in range(5)])
+    assert pulled == [3, 4, 5]
+
+
+# -- processing time (virtual clock) ------------------------------------------------------
+
+def test_tumbling_processing_time_closes_on_items_and_ticks():
+    clock = VirtualClock()
+    script = [("at", 1), ("item", "a"), ("at", 4), ("item", "b"),
+              ("at", 12), ("item", "c"),          # closes [0, 10) on this item
+              ("at", 19), ("tick",), ("at", 20), ("tick",),  # closes [10, 20) on a tick
+              ("at", 35), ("item", "d")]         # [30, 40) is flushed at end of stream
+    outs, pulled = drive(ns.tumbling(seconds=10, clock=clock), script, clock)
+    assert outs == [Window(None, 0, 10, ["a", "b"]), Window(None, 10, 20, ["c"]),
+                    Window(None, 30, 40, ["d"])]
+    assert pulled == [3, 3, 4]
+
+
+def test_sliding_processing_time():
+    clock = VirtualClock()
+    script = [("at", 1), ("item", "a"), ("at", 6), ("item", "b"), ("at", 11), ("tick",),
+              ("at", 16), ("tick",)]
+    outs, _ = drive(ns.sliding(seconds=10, step=5, clock=clock), script, clock)
+    assert outs == [Window(None, -5, 5, ["a"]), Window(None, 0, 10, ["a", "b"]),
+                    Window(None, 5, 15, ["b"])]
+
+
+def test_session_processing_time():
+    clock = VirtualClock()
+    script = [("at", 0), ("item", 1), ("at", 2), ("item", 2), ("at", 6), ("item", 3),
+              ("at", 11), ("tick",), ("at", 20), ("item", 4)]
+    outs, pulled = drive(ns.session(gap=5, clock=clock), script, clock)
+    assert outs == [Window(None, 0, 11, [1, 2, 3]), Window(None, 20, 25, [4])]
+    assert pulled == [3, 4]
+
+
+def test_keyed_processing_time_windows_close_together_in_key_order():
+    clock = VirtualClock()
+    script = [("at", 1), ("item", "b1"), ("item", "a1"), ("item", "b2"), ("at", 10), ("tick",)]
+    outs, _ = drive(ns.tumbling(seconds=10, key=lambda s: s[0], agg=len, clock=clock),
+                    script, clock)
+    assert outs == [Window("b", 0, 10, 2), Window("a", 0, 10, 1)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.booleans()), max_size=40),
+       st.sampled_from([1, 2, 3, 10]))
+def test_processing_time_tumbling_matches_grouping_by_arrival_time(steps, size):
+    """Items at non-decreasing virtual times, idle ticks anywhere: every item lands in
+    the window of its arrival time, windows come out in time order, and a window
+    comes out at the first item or tick at or after its end."""
+    clock = VirtualClock()
+    script, t, arrivals = [], 0, []
+    for i, (dt, tick) in enumerate(steps):
+        t += dt
+        script.append(("at", t))
+        script.append(("tick",) if tick else ("item", i))
+        if not tick:
+            arrivals.append((i, t))
+    outs, pulled = drive(ns.tumbling(seconds=size, clock=clock), script, clock)
+    expected = [(k * size, [i for i, _ in g])
+                for k, g in groupby(arrivals, key=lambda p: p[1] // size)]
+    assert [(w.start, w.value) for w in outs] == expected
+    # timing: window [s, e) came out at the first step with time >= e
+    times = [s[1] for s in script if s[0] == "at"]
+    for w, n in zip(outs, pulled, strict=True):
+        first = next((j for j, tt in enumerate(times) if tt >= w.end), None)
+        if first is None:
+            assert n == len(arrivals)  # flushed at end of stream
+        else:
+            assert n == sum(1 for s in script[:2 * first + 2] if s[0] == "item")
+
+
+# -- event time -----------------------------------------------------------------------------
+
+def test_event_time_tumbling_with_lateness():
+    late = []
+    events = [{"ts": t} for t in (1, 3, 12, 4, 8, 21, 9, 15, 30)]
+    w = ns.tumbling(seconds=10, timestamp="ts", lateness=5, on_late=late.append, agg=len)
+    outs, pulled = drive(w, [("item", e) for e in events])
+    # [0,10) closes once the watermark (max ts - 5) reaches 10: at ts 21
+    assert outs == [Window(None, 0, 10, 4), Window(None, 10, 20, 2), Window(None, 20, 30, 1),
+                    Window(None, 30, 40, 1)]
+    assert pulled == [6, 9, 9, 9]
+    assert late == [{"ts": 9}]  # arrived after [0, 10) was emitted
+
+
+def test_late_items_default_dropped_counted_and_logged(caplog):
+    with caplog.at_level(logging.WARNING, logger="nanostream"):
+        outs = list([1, 12, 2, 3, 25] | ns.tumbling(seconds=10, timestamp=lambda t: t, agg=list))
+    assert outs == [Window(None, 0, 10, [1]), Window(None, 10, 20, [12]),
+                    Window(None, 20, 30, [25])]
+    assert "dropped 2 late item(s)" in caplog.text
+
+
+def test_late_item_raise_policy_names_the_item():
+    stage = ns.tumbling(seconds=10, timestamp=lambda t: t, on_late="raise")
+    with pytest.raises(ns.StageError, match=r"failed on item 2: ValueError: late item") as ei:
+        list([1, 12, 2] | stage)
+    assert ei.value.item == 2
+
+
+def test_sliding_event_time_item_joins_only_open_windows():
+    late = []
+    w = ns.sliding(seconds=10, step=5, timestamp=lambda t: t, on_late=late.append)
+    outs, _ = drive(w, [("item", t) for t in (1, 11, 7, 2)])
+    # at ts 11 the watermark is 11: [-5, 5) and [0, 10) are out; 7 still fits [5, 15);
+    # 2 fits only windows already out, so it is late
+    assert [(o.start, o.value) for o in outs] == [(-5, [1]), (0, [1]), (5, [11, 7]),
+                                                  (10, [11])]
+    assert late == [2]
+
+
+def ref_event_tumbling(stamps, size, lateness):
+    """The late rule by hand: an item is late if its window's end is at or below the
+    watermark (largest earlier timestamp - lateness) when it arrives."""
+    wm, windows, late = -math.inf, {}, []
+    for i, t in enumerate(stamps):
+        k = math.floor(t / size)
+        if (k + 1) * size <= wm:
+            late.append(i)
+        else:
+            windows.setdefault(k, []).append(i)
+        wm = max(wm, t - lateness)
+    return [(k * size, windows[k]) for k in sorted(windows)], late
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(-20, 60), max_size=40), st.sampled_from([1, 5, 10]),
+       st.sampled_from([0, 3, 10, 100]))
+def test_event_time_tumbling_matches_reference(stamps, size, lateness):
+    late = []
+    stage = ns.tumbling(seconds=size, timestamp=lambda i: stamps[i], lateness=lateness,
+                        on_late=late.append)
+    outs, pulled = drive(stage, [("item", i) for i in range(len(stamps))])
+    expected, expected_late = ref_event_tumbling(stamps, size, lateness)
+    assert [(w.start, w.value) for w in outs] == expected
+    assert late == expected_late
+    for w, n in zip(outs, pulled, strict=True):  # emitted once the watermark passed its end
+        hit = next((j for j in range(len(stamps))
+                    if max(stamps[:j + 1]) - lateness >= w.end), None)
+        assert n == (len(stamps) if hit is None else hit + 1)
+
+
+def test_event_time_session_merges_out_of_order_items():
+    w = ns.session(gap=7, timestamp=lambda t: t, lateness=100)
+    # 5 bridges 1 and 10, then 14 bridges 10 and 20: one session, items in arrival order
+    assert list(w([10, 1, 20, 5, 14])) == [Window(None, 1, 27, [10, 1, 20, 5, 14])]
+    w = ns.session(gap=5, timestamp=lambda t: t, lateness=100)
+    assert values(w([10, 1, 20, 5, 14])) == [[1, 5], [10, 14], [20]]  # 5 -> 10 is a full gap
+    assert [(o.start, o.end) for o in w([3, 1])] == [(1, 8)]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("ab"), st.integers(0, 60)), max_size=30),
+       st.sampled_from([1, 3, 7]))
+def test_event_time_sessions_match_gap_clustering(events, gap):
+    """With enough lateness nothing is late: per key, the sessions are the clusters
+    of timestamps whose neighbours are closer than ``gap``."""
+    stage = ns.session(gap=gap, timestamp=lambda e: e[1], key=lambda e: e[0], lateness=1000)
+    outs = list(stage(events))
+    for k in "ab":
+        mine = [e for e in events if e[0] == k]
+        stamps = sorted({t for _, t in mine})
+        clusters, cur = [], []
+        for t in stamps:
+            if cur and t - cur[-1] >= gap:
+                clusters.append(cur)
+                cur = []
+            cur.append(t)
+        if cur:
+            clusters.append(cur)
+        expected = [(c[0], c[-1] + gap, [e for e in mine if c[0] <= e[1] <= c[-1]])
+                    for c in clusters]
+        assert sorted((w.start, w.end, w.value) for w in outs if w.key == k) == expected
+
+
+def test_session_lateness_rule():
+    late = []
+    w = ns.session(gap=5, timestamp=lambda t: t, lateness=2, on_late=late.append)
+    outs = list(w([1, 3, 20, 4, 9, 17]))
+    # at ts 20 the watermark is 18: session [1, 8) is out, so 4 (which would reopen it) is late;
+    # 9 is within 5 of nothing still open and 9 + 5 <= 18 -> late; 17 joins [20, 25)
+    assert [(o.start, o.end, o.value) for o in outs] == [(1, 8, [1, 3]), (17, 25, [20, 17])]
+    assert late == [4, 9]
+
+
+def test_datetime_timestamps_get_a_clear_error():
+    import datetime
+    stage = ns.tumbling(seconds=60, timestamp="at")
+    with pytest.raises(ns.StageError, match=r"timestamp must return a number.*\.timestamp\(\)"):
+        list([{"at": datetime.datetime(2024, 1, 1)}] | stage)
+
+
+# -- errors in user functions ---------------------------------------------------------------
+
+def boom(x):
+    raise ValueError(f"bad {x}")
+
+
+def test_key_errors_follow_on_error():
+    with pytest.raises(ns.StageError, match="stage 'tumbling' failed on item 1") as ei:
+        list([1, 2] | ns.tumbling(size=2, key=boom))
+    assert ei.value.item == 1
+    assert isinstance(ei.value.__cause__, ValueError)
+    assert list([1, 2] | ns.tumbling(size=2, key=boom, on_error="skip")) == []
+    seen = []
+    got = list([1, 2, 3] | ns.tumbling(size=2, key=lambda x: 1 / (x - 2), agg=len,
+                                      on_error=lambda item, exc: seen.append(item)))
+    assert got == [Window(-1.0, 0, 1, 1), Window(1.0, 0, 1, 1)]
+    assert seen == [2]
+
+
+def test_agg_error_names_the_window():
+    with pytest.raises(ns.StageError, match=r"failed on item Window\(key=None, start=0"):
+        list([1, "x"] | ns.tumbling(size=2, agg=sum))
+    assert list([1, "x", 2] | ns.tumbling(size=2, agg=sum, on_error="skip")) == [
+        Window(None, 2, 3, 2)]
+
+
+def test_timestamp_error_names_the_item():
+    with pytest.raises(ns.StageError, match=r"failed on item \{\}: KeyError"):
+        list([{}] | ns.tumbling(seconds=1, timestamp="ts"))
+
+
+# -- bad arguments ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("make", "exc", "message"), [
+    (lambda: ns.tumbling(), TypeError, "needs exactly one of size= .* or seconds=.*got neither"),
+    (lambda: ns.tumbling(size=3, seconds=5), TypeError, "got both"),
+    (lambda: ns.tumbling(size=0), ValueError, r"tumbling size must be >= 1, got 0"),
+    (lambda: ns.tumbling(size=2.5), TypeError, "tumbling size must be an int, got float 2.5"),
+    (lambda: ns.tumbling(seconds=0), ValueError, r"tumbling seconds must be a finite number "
+                                                 r"of seconds > 0, got 0"),
+    (lambda: ns.tumbling(seconds="5"), TypeError, "seconds must be a number of seconds"),
+    (lambda: ns.tumbling(size=3, timestamp="ts"), ValueError,
+     r"tumbling\(size=...\) counts items, so timestamp= does not apply"),
+    (lambda: ns.tumbling(size=3, clock=lambda: 0), ValueError, "so clock= does not apply"),
+    (lambda: ns.tumbling(seconds=5, lateness=2), ValueError,
+     "lateness= applies to event-time windows only"),
+    (lambda: ns.tumbling(seconds=5, on_late=print), ValueError,
+     "on_late= applies to event-time windows only"),
+    (lambda: ns.tumbling(seconds=5, timestamp="ts", lateness=-1), ValueError,
+     "lateness must be a finite number of seconds >= 0, got -1"),
+    (lambda: ns.tumbling(seconds=5, timestamp="ts", clock=lambda: 0), ValueError,
+     "clock= applies to processing-time windows"),
+    (lambda: ns.tumbling(seconds=5, timestamp="ts", on_late="keep"), ValueError,
+     "on_late must be 'drop', 'raise' or a callable"),
+    (lambda: ns.tumbling(size=3, key=1.5), TypeError, "tumbling key must be a function"),
+    (lambda: ns.tumbling(size=3, agg=3), TypeError, "tumbling agg must be callable, got int 3"),
+    (lambda: ns.tumbling(size=3, workers=2), ValueError,
+     "keeps state across items, so it runs in one worker; option 'workers' does not apply"),
+    (lambda: ns.tumbling(size=3, sise=3), TypeError, "did you mean 'size'"),
+    (lambda: ns.sliding(seconds=60), TypeError, r"needs step=\.\.\."),
+    (lambda: ns.sliding(size=3, step=4), ValueError, "step must be <= size"),
+    (lambda: ns.sliding(size=3, step=0), ValueError, "sliding step must be >= 1, got 0"),
+    (lambda: ns.sliding(seconds=5, step=6), ValueError, "step must be <= seconds"),
+    (lambda: ns.session(gap=0), ValueError, "session gap must be a finite number of seconds"),
+    (lambda: ns.session(gap=5, lateness=1), ValueError, "lateness= applies to event-time"),
+])
+def test_bad_window_arguments(make, exc, message):
+    with pytest.raises(exc, match=message):
+        make()
+
+
+def test_repr_shows_what_was_set():
+    assert repr(ns.tumbling(size=3)) == "<transform 'tumbling'(size=3) stream=True>"
+    assert repr(ns.sliding(seconds=60, step=10, name="m")) == \
+        "<transform 'm'(seconds=60, step=10) stream=True>"
+
+
+# -- in a running pipeline ----------------------------------------------------------------------
+
+def test_processing_time_window_closes_on_an_idle_tick_in_a_pipeline():
+    clock = VirtualClock(1.0)
+    release, got = threading.Event(), threading.Event()
+    out = []
+
+    @ns.source
+    def one_then_wait():
+        yield "a"
+        assert release.wait(10)
+
+    def collect(w):
+        out.append(w)
+        got.set()
+
+    p = one_then_wait() | ns.tumbling(seconds=10, clock=clock) | ns.sink(collect)
+    with p.start() as run:
+        wait_read_after_pull(run, "tumbling", clock)
+        clock.t = 10.0  # no item comes: only an idle tick can close [0, 10)
+        assert got.wait(10)
+        release.set()
+        assert run.join(10)
+    assert out == [Window(None, 0, 10, ["a"])]
+
+
+def test_session_closes_on_an_idle_tick_in_a_pipeline():
+    clock = VirtualClock(0.0)
+    release, got = threading.Event(), threading.Event()
+    out = []
+
+    @ns.source
+    def one_then_wait():
+        yield "a"
+        assert release.wait(10)
+
+    p = one_then_wait() | ns.session(gap=3, clock=clock) | ns.sink(
+        lambda w: (out.append(w), got.set()))
+    with p.start() as run:
+        wait_read_after_pull(run, "session", clock)
+        clock.t = 3.0
+        assert got.wait(10)
+        release.set()
+    assert out == [Window(None, 0.0, 3.0, ["a"])]
+
+
+def test_open_windows_are_flushed_on_stop_drain():
+    clock = VirtualClock()
+    started, stopped = threading.Event(), threading.Event()
+    out = []
+
+    @ns.source(name="endless")
+    def endless():
+        i = 0
+        try:
+            while True:
+                yield i
+                i += 1
+                if i == 5:
+                    started.set()
+        finally:
+            stopped.set()
+
+    p = endless() | ns.tumbling(seconds=60, clock=clock, agg=len) | ns.sink(out.append)
+    run = p.start()
+    assert started.wait(10)
+    run.stop(drain=True)
+    run.join(10)
+    assert stopped.is_set()
+    n = run.stats()["tumbling"].items_in
+    assert n >= 5
+    assert out == [Window(None, 0, 60, n)]
+
+
+def test_windows_release_tracked_items_only_after_their_window_is_handled():
+    done, handled = [], []
+    lock = threading.Lock()
+
+    @ns.source(track=True)
+    def tracked():
+        for i in range(10):
+            yield i, (lambda i=i: done.append(i))
+
+    def store(w):
+        with lock:
+            assert not set(w.value) & set(done), "an item was acknowledged before its window"
+            handled.append(w.value)
+
+    (tracked() | ns.tumbling(size=3) | ns.sink(store)).run()
+    assert handled == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    assert sorted(done) == list(range(10))
