@@ -257,6 +257,7 @@ def test_items_that_are_not_dict_rows(db):
     t = db.table()
     for item, message in [((1, "a"), "sql_sink writes dict rows, got tuple"),
                           ("text", "sql_sink writes dict rows, got str"),
+                          ([("id", 3), ("name", "x")], "sql_sink writes dict rows, got list"),
                           ({}, "the row is empty"),
                           ({1: "a"}, "row keys must be column names (str), got 1")]:
         err = stage_error([{"id": 1, "name": "a"}, item] | ns.sql_sink(db.url, t))
