@@ -123,6 +123,18 @@ class SourceContext:
     def stopping(self) -> bool:
         return self._runner.stop_requested or self._runner.run._aborted
 
+    def on_run_end(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` once the whole run has ended: after every stage thread
+        finished (end of stream, stop, or failure), before ``join()`` returns.
+
+        For what must wait until the items the source emitted are done downstream,
+        e.g. a final offset commit, then closing the client. It runs in the thread
+        that finished last; an exception it raises is logged, not raised. It does
+        not run when a stage is stuck past the grace period (that thread may still
+        be using the resource).
+        """
+        self._runner.run._on_end.append(callback)
+
     def item_error(self, exc: BaseException, item: Any = None, detail: str | None = None) -> None:
         """Apply ``on_error`` to an error tied to one item the source could not produce.
 
@@ -967,6 +979,7 @@ class Run:
         self._done = threading.Event()
         self._alive = 0
         self._wakeables: list[Any] = []
+        self._on_end: list[Callable[[], None]] = []  # SourceContext.on_run_end callbacks
         self._warned = False
         self.runners: list[_Runner] = []
         self.collector: Channel | None = None
@@ -1083,6 +1096,11 @@ class Run:
             self._alive -= 1
             last = self._alive == 0
         if last:
+            for callback in self._on_end:
+                try:
+                    callback()
+                except Exception:
+                    log.exception("run-end callback %r failed", callback)
             self._ended_at = time.monotonic()
             with _RUNS_LOCK:
                 _RUNS.discard(self)
