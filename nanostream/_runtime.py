@@ -213,6 +213,8 @@ class _Runner:
         self.threads.append(t)
 
     def _main(self, body: Callable[[], None]) -> None:
+        if not self.run._check_in():
+            return  # start() was interrupted (Ctrl-C) before this thread checked in
         try:
             body()
         except Aborted:
@@ -979,6 +981,8 @@ class Run:
         self._done = threading.Event()
         self._alive = 0
         self._wakeables: list[Any] = []
+        self._checked_in: set[threading.Thread] = set()
+        self._abandoned: set[threading.Thread] = set()
         self._on_end: list[Callable[[], None]] = []  # SourceContext.on_run_end callbacks
         self._warned = False
         self.runners: list[_Runner] = []
@@ -1084,12 +1088,32 @@ class Run:
         self._alive = len(threads)
         with _RUNS_LOCK:
             _RUNS.add(self)
-        for t in threads:
-            t.start()
+        try:
+            for t in threads:
+                t.start()
+        except BaseException:
+            # Ctrl-C while starting: whether the thread being started was launched is
+            # unknown, so every thread that has not checked in yet is given up (it
+            # returns at once if it runs at all) and no longer counted
+            with self._lock:
+                gone = [t for t in threads if t not in self._checked_in]
+                self._abandoned.update(gone)
+            for _ in gone:
+                self._thread_done()
+            raise
         if self._progress:
             from ._display import start_progress
             start_progress(self)
         return self
+
+    def _check_in(self) -> bool:
+        """Called first by each stage thread: False if start() gave it up."""
+        t = threading.current_thread()
+        with self._lock:
+            if t in self._abandoned:
+                return False
+            self._checked_in.add(t)
+            return True
 
     def _thread_done(self) -> None:
         with self._lock:
