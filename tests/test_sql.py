@@ -492,7 +492,8 @@ def test_an_unreachable_database_gives_a_clear_error_without_the_password(caplog
     url = f"postgresql+psycopg://alice:{SECRET}@127.0.0.1:1/test?sslpassword={SECRET}x"
     sink = ns.sql_sink(url, "events")
     src = ns.sql_source(url, "SELECT 1")
-    texts = [repr(sink), repr(src), str(sink), repr([{"a": 1}] | sink)]
+    texts = [repr(sink), repr(src), str(sink), repr([{"a": 1}] | sink),
+             ([{"a": 1}] | sink)._repr_html_() or ""]
     for stage in (sink, src):
         pipeline = [{"a": 1}] | stage if stage is sink else stage
         with caplog.at_level(logging.DEBUG):
@@ -525,11 +526,13 @@ def test_a_password_never_shows_in_a_working_run(pg, caplog):
         assert SECRET not in text
 
 
-@pytest.mark.postgres
-def test_postgres_schema_option(pg):
-    t = pg.table()
-    (rows(2) | ns.sql_sink(PG_URL, t, schema="public", key="id")).run()
-    assert pg.count(t) == 2
+def test_schema_option(db):
+    t = db.table()
+    schema = "main" if db.kind == "sqlite" else "public"
+    (rows(2) | ns.sql_sink(db.url, t, schema=schema, key="id")).run()
+    assert db.count(t) == 2
+    err = stage_error(rows(1) | ns.sql_sink(db.url, t, schema="nosuchschema"))
+    assert "nosuchschema" in str(err)
 
 
 # -- sqlite files ---------------------------------------------------------------------
