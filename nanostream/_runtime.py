@@ -7,7 +7,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import chain, islice
 from typing import TYPE_CHECKING, Any
 
@@ -112,12 +112,24 @@ def _noop() -> None:
 
 
 class SourceContext:
-    """Given to internal sources (``internal={"context": True}``): lets them watch
-    for a stop request and report per-item errors under the stage's ``on_error``."""
+    """Given to internal stages that ask for it (``internal={"context": True}``):
+    sources get it as ``ctx=``, and so do ``stream=True`` stages.
 
-    def __init__(self, runner: _SourceRunner) -> None:
+    It lets them watch for a stop request, report per-item errors under the
+    stage's *effective* ``on_error`` (after ``with_options`` too; counted in the
+    report), sleep without delaying an abort, and run code once the run ended.
+    """
+
+    def __init__(self, runner: _Runner) -> None:
         self._runner = runner
         self.name = runner.name
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep, but give up at once (raising an internal abort) when the run aborts."""
+        flush = getattr(self._runner, "flush", None)
+        if flush is not None:
+            flush()  # nothing waits in an output buffer while the stage sleeps
+        self._runner.run._sleep(seconds)
 
     @property
     def stopping(self) -> bool:
@@ -152,6 +164,9 @@ class SourceContext:
             except Exception as cb_exc:
                 raise _Failed(StageError(r.name, item, cb_exc,
                                          detail="the on_error callback raised")) from None
+
+
+StageContext = SourceContext  # type: ignore[misc]
 
 
 # -----------------------------------------------------------------------------
@@ -271,10 +286,22 @@ def _discard(items: list[Any]) -> None:
 
 class _SourceRunner(_Runner):
     kind = "source"
+    fused_next: _SingleRunner | None = None  # set for in-memory data feeding one stage
 
     def start(self) -> None:
         self.setup_emit()
+        if self.fused_next is not None:
+            self.emit = self.fused_next.handle
         self.spawn(self._body)
+
+    def dead(self) -> bool:
+        nxt = self.fused_next
+        return nxt.dead() if nxt is not None else self.outs_dead()
+
+    def finish(self) -> None:
+        self.close_outs()
+        if self.fused_next is not None:
+            self.fused_next.finish()
 
     def _open(self) -> Any:
         st = self.stage
@@ -309,13 +336,21 @@ class _SourceRunner(_Runner):
 
     def _pump_slices(self, it: Iterator[Any]) -> None:
         emit = self.emit
+        fused = self.fused_next is not None
+        perf = time.perf_counter
+        limit = 16 if fused else BATCH
         while not self.stop_requested:
-            chunk = list(islice(it, BATCH))
+            chunk = list(islice(it, limit))
             if not chunk:
                 return
             self.items_out += len(chunk)
+            t0 = perf()
             emit(chunk)
-            if self.outs_dead():
+            if fused:  # batches sized like a single-worker stage's (see _SingleRunner._body)
+                per_item = (perf() - t0) / len(chunk)
+                want = int(BATCH_SECONDS / per_item) if per_item > 0 else BATCH
+                limit = max(1, min(BATCH, want, 2 * limit))
+            if self.dead():
                 return
 
     def _pump_items(self, it: Iterator[Any]) -> None:
@@ -807,6 +842,8 @@ class _StreamRunner(_Runner):
         get = self.inp.get  # type: ignore[union-attr]
         tick = self.stage.internal.get("tick")
         while True:
+            if self.outbuf:
+                self.flush()  # before waiting for input, pass on what is ready
             batch = get(BATCH, tick)
             if batch is None:
                 self.exhausted = True
@@ -819,14 +856,42 @@ class _StreamRunner(_Runner):
             self.batch = batch
             yield from batch
 
+    def flush(self) -> None:
+        """Pass on the buffered outputs (internal operators buffer theirs)."""
+        buf = self.outbuf
+        if buf:
+            self.outbuf = []
+            self.emit(buf)
+
     def _body(self) -> None:
         st = self.stage
         with_done = st.internal.get("with_done", False)
+        explicit = st.internal.get("explicit_tracking", False)
         held: list[Ticket | None] = []   # tickets released when the stage ends
         pending: list[Ticket | None] = []
         current: list[Ticket | None] = [None]
+        outstanding: dict[int, Ticket] = {}  # explicit tracking: inputs not yet released
+        self.outbuf: list[Any] = []
+        self.buffered = bool(st.internal.get("context"))
+        extra: dict[str, Any] = {}
+        if st.internal.get("context"):
+            extra["ctx"] = SourceContext(self)
 
-        if self.tracked and with_done:
+        if explicit:
+            def release_tokens(tokens: Iterable[Any]) -> None:
+                release([outstanding.pop(id(t), None) for t in tokens if t is not None])
+            extra["release"] = release_tokens
+            if self.tracked:
+                def inputs() -> Iterator[Any]:
+                    for pair in self._items():
+                        if pair is not TICK and pair[1] is not None:
+                            outstanding[id(pair[1])] = pair[1]
+                        yield pair
+            else:
+                def inputs() -> Iterator[Any]:
+                    for x in self._items():
+                        yield x if x is TICK else (x, None)
+        elif self.tracked and with_done:
             def inputs() -> Iterator[Any]:
                 for pair in self._items():
                     if pair is TICK:
@@ -860,16 +925,19 @@ class _StreamRunner(_Runner):
         source = inputs()
         try:
             try:
-                result = self.call(source)
+                result = self.call(source, **extra)
             except (_Failed, Aborted):
                 raise
+            except StageError as err:
+                raise _Failed(err) from None
             except Exception as exc:
                 raise _Failed(StageError(self.name, exc=exc)) from None
             if st.kind == SINK:
                 if result is not None and hasattr(result, "__next__"):
                     self._consume(result)
             else:
-                self._forward(result, pending, current)
+                self._forward(result, pending, current, outstanding if explicit else None)
+                self.flush()
             if not self.exhausted:
                 # the function returned before its input ended: it wants no more
                 self.inp.discard()  # type: ignore[union-attr]
@@ -881,6 +949,7 @@ class _StreamRunner(_Runner):
             release(pending)
             release(held)
             release([current[0]])
+            release(list(outstanding.values()))
         self.finish()
 
     def _consume(self, result: Iterator[Any]) -> None:
@@ -889,11 +958,13 @@ class _StreamRunner(_Runner):
                 pass
         except (_Failed, Aborted):
             raise
+        except StageError as err:
+            raise _Failed(err) from None
         except Exception as exc:
             raise _Failed(StageError(self.name, exc=exc)) from None
 
     def _forward(self, result: Any, pending: list[Ticket | None],
-                 current: list[Ticket | None]) -> None:
+                 current: list[Ticket | None], outstanding: dict[int, Ticket] | None) -> None:
         try:
             it = iter(result)
         except TypeError:
@@ -901,6 +972,8 @@ class _StreamRunner(_Runner):
                 f"a stream=True transform must return or yield an iterable, got "
                 f"{type(result).__name__}"))) from None
         emit = self.emit
+        buffered = self.buffered
+        tracked = self.tracked
         nxt = it.__next__
         while True:
             try:
@@ -909,10 +982,18 @@ class _StreamRunner(_Runner):
                 return
             except (_Failed, Aborted):
                 raise
+            except StageError as err:
+                raise _Failed(err) from None
             except Exception as exc:
                 raise _Failed(StageError(self.name, exc=exc)) from None
             self.items_out += 1
-            if self.tracked:
+            if outstanding is not None:  # explicit tracking: the stage names the inputs
+                y, tokens = y
+                if tracked:
+                    ts = [t for t in tokens if t is not None and id(t) in outstanding]
+                    retain(ts, 1)
+                    y = (y, group(ts))
+            elif tracked:
                 if pending:
                     g = group(pending)
                     pending.clear()
@@ -921,11 +1002,25 @@ class _StreamRunner(_Runner):
                     current[0] = g
                 else:
                     retain([current[0]], 1)
-                emit([(y, current[0])])
+                y = (y, current[0])
+            if buffered:
+                buf = self.outbuf
+                buf.append(y)
+                if len(buf) >= BATCH:
+                    self.flush()
             else:
                 emit([y])
             if self.outs_dead():
                 return
+
+
+def _in_memory(stage: Stage) -> bool:
+    """A from_iterable source over data held in memory (reading it cannot block)."""
+    from ._stage import _iterate
+    if stage.fn is not _iterate or stage.option("track") or not stage.args:
+        return False
+    data = stage.args[0]
+    return isinstance(data, _MEMORY_TYPES)
 
 
 def _first_unpicklable(xs: list[Any]) -> Any:
@@ -1059,6 +1154,13 @@ class Run:
                     up = runners[preds[0]]
                     assert isinstance(up, _SingleRunner)
                     up.fused_next, r.fused_prev = r, up
+                elif (isinstance(r, _SingleRunner) and len(preds) == 1
+                        and isinstance(runners[preds[0]], _SourceRunner)
+                        and len(succ[preds[0]]) == 1 and _in_memory(preds[0].stage)):
+                    # in-memory data never blocks: read it in the first stage's thread
+                    src = runners[preds[0]]
+                    assert isinstance(src, _SourceRunner)
+                    src.fused_next, r.fused_prev = r, src  # type: ignore[assignment]
         self.runners = [runners[n] for n in order]
         self._wakeables.extend(channels.values())
         if self.collector is not None:

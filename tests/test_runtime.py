@@ -120,7 +120,9 @@ def test_fast_source_stays_within_the_queue_bound_of_a_blocked_sink(q):
     assert src.closed.is_set()
 
 
-def test_memory_source_is_bounded_by_batches_not_by_its_length():
+@pytest.mark.parametrize("fuse", [True, False])
+def test_memory_source_is_bounded_by_batches_not_by_its_length(fuse, monkeypatch):
+    monkeypatch.setattr(ns.Run, "fuse", fuse)
     gate = threading.Event()
     started = threading.Event()
 
@@ -133,8 +135,9 @@ def test_memory_source_is_bounded_by_batches_not_by_its_length():
     run = p.start()
     try:
         assert started.wait(WAIT)
-        wait_until(lambda: run.stats()["mid"].queue.waiting_producers >= 1,
-                   "the source to block")
+        if not fuse:  # fused, the source runs in the blocked thread itself
+            wait_until(lambda: run.stats()["mid"].queue.waiting_producers >= 1,
+                       "the source to block")
         # an in-memory source moves slices of BATCH items (a slice larger than a
         # queue is accepted whole by an empty queue): five slices at most are out
         out = run.stats()["big"].items_out
