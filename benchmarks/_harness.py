@@ -582,8 +582,15 @@ def main(argv: list[str] | None = None) -> int:
     registry = discover()
     if args.list:
         for wid, wl in registry.items():
-            names = ", ".join(c.name for c in wl.contenders)
-            print(f"{wid}  {wl.title}  (target: {wl.target.text if wl.target else '-'})")
+            try:
+                full = wl.params(False)
+            except Exception:
+                full = {}
+            names = ", ".join(
+                c.name + (f" [{_note(c.note, full)}]" if c.note else "") for c in wl.contenders
+            )
+            title = _note(wl.title, full)
+            print(f"{wid}  {title}  (target: {wl.target.text if wl.target else '-'})")
             print(f"      contenders: {names}")
         for wid, err in _IMPORT_ERRORS.items():
             print(f"{wid}  error: {err}")
