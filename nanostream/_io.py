@@ -1,11 +1,8 @@
 """Plumbing shared by the file and database connectors (``files.py``, ``sql.py``).
 
-Nothing here is public. Two kinds of helpers:
+Nothing here is public:
 
-* :func:`stage_context` gives a ``stream=True`` sink the same context object an
-  internal source gets (its effective name, ``ctx.item_error`` applying the stage's
-  ``on_error`` and counting the error, ``ctx.stopping``). The core has no hook for
-  that on stream stages yet, so it finds the runner that owns the calling thread.
+* :class:`DetachedContext`: the ``ctx`` of a connector function called outside a run.
 * Paths: argument checks, glob expansion, gzip-transparent opening.
 """
 
@@ -15,7 +12,7 @@ import codecs
 import glob
 import gzip
 import os
-import threading
+import time
 from collections.abc import Sequence
 from typing import IO, Any, Union
 
@@ -26,11 +23,11 @@ PathArg = Union[str, "os.PathLike[str]"]
 GZIP_LEVEL = 6  # the gzip command's default; Python's 9 is several times slower to write
 
 
-# -- a context for stream=True sinks ---------------------------------------------------
+# -- a context for stages called outside a run ---------------------------------------------
 
-class _DetachedContext:
-    """Stand-in when no runner owns the calling thread (the stage function was called
-    directly, outside a run): errors are raised as plain StageErrors."""
+class DetachedContext:
+    """What a connector's function uses for ``ctx`` when it is called directly, outside
+    a run (the runtime passes its own): per-item errors are raised as StageErrors."""
 
     stopping = False
 
@@ -40,24 +37,8 @@ class _DetachedContext:
     def item_error(self, exc: BaseException, item: Any = None, detail: str | None = None) -> None:
         raise StageError(self.name, item, exc, detail=detail)
 
-
-def stage_context(default_name: str) -> Any:
-    """The context of the stream stage running in this thread.
-
-    Stopgap until the core passes ``ctx=`` to stream stages that ask for it: the
-    runner that owns ``threading.current_thread()`` is wrapped in the runtime's own
-    ``SourceContext``, so ``item_error`` follows the stage's *effective* ``on_error``
-    and name (also after ``with_options``), counts the error in the report, and
-    raises a ``StageError`` that the runtime passes on unchanged.
-    """
-    from ._runtime import SourceContext, running
-
-    me = threading.current_thread()
-    for run in running():
-        for runner in run.runners:
-            if me in runner.threads:
-                return SourceContext(runner)  # type: ignore[arg-type]
-    return _DetachedContext(default_name)
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
 
 
 # -- arguments -------------------------------------------------------------------------

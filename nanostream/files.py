@@ -142,7 +142,10 @@ def _follow(path: str, ctx: Any, encoding: str, errors: str, poll: float
                                      f"{encoding} ({exc.reason})") from exc
                 yield text.rstrip("\r\n") if text.endswith("\r\n") else text[:-1], n
                 continue
-            if ctx is not None and ctx.stopping:
+            if ctx is None:
+                time.sleep(poll)
+                continue
+            if ctx.stopping:
                 return
             try:
                 now = os.stat(path)
@@ -157,7 +160,7 @@ def _follow(path: str, ctx: Any, encoding: str, errors: str, poll: float
                 f.seek(0)
                 partial, n = b"", 0
                 continue
-            time.sleep(poll)
+            ctx.sleep(poll)             # gives up at once when the run aborts
     finally:
         f.close()
 
@@ -311,7 +314,7 @@ def _sink(fn: Callable[..., Any], name: str, path: str, kwargs: dict[str, Any],
     """A stream sink stage; only non-default keyword arguments are kept, for a short repr."""
     shown = {"path": path, **{k: v for k, v in kwargs.items() if v != defaults.get(k)}}
     return Stage(fn, SINK, {**_io.stage_options(name, options), "stream": True},
-                 kwargs=shown, internal={"with_done": True, "tick": IDLE_FLUSH})
+                 kwargs=shown, internal={"with_done": True, "tick": IDLE_FLUSH, "context": True})
 
 
 def _open_for_writing(fn: str, path: str, append: bool, encoding: str,
@@ -365,7 +368,7 @@ def write_lines(path: PathArg, *, append: bool = False, encoding: str = "utf-8",
 
 
 def _write_lines(items: Iterator[Any], *, path: str, append: bool = False,
-                 encoding: str = "utf-8") -> None:
+                 encoding: str = "utf-8", ctx: Any = None) -> None:
     with _open_for_writing("write_lines", path, append, encoding) as f:
         out = _Flusher(f)
         write, dones = f.write, out.dones
@@ -412,8 +415,9 @@ def write_jsonl(path: PathArg, *, append: bool = False, encoding: str = "utf-8",
 
 
 def _write_jsonl(items: Iterator[Any], *, path: str, append: bool = False,
-                 encoding: str = "utf-8", default: Callable[[Any], Any] | None = None) -> None:
-    ctx = _io.stage_context("write_jsonl")
+                 encoding: str = "utf-8", default: Callable[[Any], Any] | None = None,
+                 ctx: Any = None) -> None:
+    ctx = ctx or _io.DetachedContext("write_jsonl")
     encode = json.JSONEncoder(ensure_ascii=False, default=default).encode
     with _open_for_writing("write_jsonl", path, append, encoding) as f:
         out = _Flusher(f)
@@ -482,8 +486,9 @@ def _existing_header(path: str, encoding: str, delimiter: str) -> list[str] | No
 
 
 def _write_csv(items: Iterator[Any], *, path: str, fieldnames: list[str] | None = None,
-               delimiter: str = ",", append: bool = False, encoding: str = "utf-8") -> None:
-    ctx = _io.stage_context("write_csv")
+               delimiter: str = ",", append: bool = False, encoding: str = "utf-8",
+               ctx: Any = None) -> None:
+    ctx = ctx or _io.DetachedContext("write_csv")
     header = fieldnames
     write_header = True
     if append:

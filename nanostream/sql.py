@@ -581,7 +581,7 @@ def sql_sink(url: Any, table: str, batch_size: int = 500, *,
     kwargs.update({k: v for k, v in given.items() if v != defaults[k]})
     tick = None if flush_interval is None else min(flush_interval, TICK_EVERY)
     return Stage(_sql_sink, SINK, {**_io.stage_options("sql_sink", options), "stream": True},
-                 kwargs=kwargs, internal={"with_done": True, "tick": tick})
+                 kwargs=kwargs, internal={"with_done": True, "tick": tick, "context": True})
 
 
 def _check_key(key: Any) -> tuple[str, ...] | None:
@@ -783,8 +783,8 @@ class _RowTrouble(Exception):
 def _sql_sink(items: Iterator[Any], *, url: _Url, table: str, batch_size: int = 500,
               key: tuple[str, ...] | None = None, create: bool = False,
               schema: str | None = None, flush_interval: float | None = 1.0,
-              clock: Callable[[], float] | None = None) -> None:
-    ctx = _io.stage_context("sql_sink")
+              clock: Callable[[], float] | None = None, ctx: Any = None) -> None:
+    ctx = ctx or _io.DetachedContext("sql_sink")
     now = clock or time.monotonic
     writer = _Writer(ctx, url, table, key, create, schema)
     try:
