@@ -661,6 +661,8 @@ class _PoolRunner(_Runner):
             while True:
                 batch = get(self.chunk)
                 if batch is None or self.outs_dead():
+                    if batch and self.tracked:
+                        _release_pairs(batch)  # dropped: nothing downstream wants it
                     break
                 self.reorder.acquire()
                 self.slots.acquire()
@@ -831,6 +833,7 @@ class _StreamRunner(_Runner):
     """A stage whose function takes the whole input iterator."""
 
     kind = "stream"
+    rest: Iterator[Any] = iter(())
 
     def start(self) -> None:
         self.setup_emit()
@@ -854,7 +857,8 @@ class _StreamRunner(_Runner):
                 continue
             self.items_in += len(batch)
             self.batch = batch
-            yield from batch
+            self.rest = it = iter(batch)  # what the function has not pulled yet
+            yield from it
 
     def flush(self) -> None:
         """Pass on the buffered outputs (internal operators buffer theirs)."""
@@ -941,8 +945,12 @@ class _StreamRunner(_Runner):
             if not self.exhausted:
                 # the function returned before its input ended: it wants no more
                 self.inp.discard()  # type: ignore[union-attr]
-                for _ in self._items():
-                    pass
+                dropped = list(self.rest)  # the rest of the batch it was given
+                for x in self._items():
+                    if x is not TICK:
+                        dropped.append(x)
+                if self.tracked:  # what a stage wants no more of is handled
+                    _release_pairs(dropped)
         finally:
             source.close()
         if self.tracked:  # only when the stage ended well: a failed run reports nothing
