@@ -495,3 +495,33 @@ def test_the_zero_cost_guard_does_notice_a_tracked_source(no_tickets):
 
     with pytest.raises(ns.StageError, match="constructed a Ticket"):
         (tracked() | sink(print)).run()
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_a_stage_that_wants_no_more_input_reports_what_it_dropped(workers):
+    """A stream stage returning early (like ``take``) discards the rest: every item
+    the source produced is reported done, the dropped ones included."""
+    led = Ledger()
+    kept = []
+
+    @source(track=True)
+    def endless():
+        i = 0
+        while True:
+            yield i, led.on_done(i)
+            i += 1
+
+    @transform(stream=True)
+    def first_five(items):
+        for x in items:
+            yield x
+            if x == 4:
+                return
+
+    run = (endless() | transform(lambda x: x, workers=workers) | first_five
+           | sink(kept.append)).start()
+    assert run.join(10)
+    produced = run.stats()["endless"].items_out
+    assert kept == [0, 1, 2, 3, 4]
+    assert produced >= 5
+    assert led.done == Counter(range(produced))
