@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import time
 from collections.abc import Callable, Iterator, Sequence
 from operator import methodcaller
 from typing import Any
@@ -118,14 +117,25 @@ def _follow(path: str, ctx: Any, encoding: str, errors: str, poll: float
 
     Reads bytes and splits on ``b"\\n"`` (so the encoding must be ASCII-compatible),
     keeps a partly written last line until its newline arrives, starts over when the
-    file shrinks (truncation) and switches to the new file when the path is replaced
-    (rotation).
+    file shrinks (truncation) and, when the path is replaced (rotation), reads what is
+    left of the old file before going on with the new one.
     """
+    ctx = ctx or _io.DetachedContext("read_lines")
+
+    def decoded(raw: bytes, n: int) -> str:
+        try:
+            text = raw.decode(encoding, errors)
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}, line {n}: cannot decode the line as {encoding} "
+                             f"({exc.reason})") from exc
+        return text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
+
     f = open(path, "rb")  # noqa: SIM115 (reopened on rotation)
     try:
         ino = os.fstat(f.fileno()).st_ino
         partial = b""
         n = 0
+        rotated = False
         while True:
             chunk = f.readline()
             if chunk:
@@ -135,15 +145,7 @@ def _follow(path: str, ctx: Any, encoding: str, errors: str, poll: float
                 if partial:
                     chunk, partial = partial + chunk, b""
                 n += 1
-                try:
-                    text = chunk.decode(encoding, errors)
-                except UnicodeDecodeError as exc:
-                    raise ValueError(f"{path}, line {n}: cannot decode the line as "
-                                     f"{encoding} ({exc.reason})") from exc
-                yield text.rstrip("\r\n") if text.endswith("\r\n") else text[:-1], n
-                continue
-            if ctx is None:
-                time.sleep(poll)
+                yield decoded(chunk, n), n
                 continue
             if ctx.stopping:
                 return
@@ -152,9 +154,15 @@ def _follow(path: str, ctx: Any, encoding: str, errors: str, poll: float
             except FileNotFoundError:   # rotated away; the new file is not there yet
                 now = None
             if now is not None and now.st_ino != ino:
+                if not rotated:         # once more to the end of the old file, then switch
+                    rotated = True
+                    continue
+                if partial:             # its last line, never finished
+                    n += 1
+                    yield decoded(partial, n), n
                 f.close()
                 f = open(path, "rb")  # noqa: SIM115
-                ino, partial, n = os.fstat(f.fileno()).st_ino, b"", 0
+                ino, partial, n, rotated = os.fstat(f.fileno()).st_ino, b"", 0, False
                 continue
             if os.fstat(f.fileno()).st_size < f.tell():
                 f.seek(0)

@@ -152,14 +152,15 @@ def test_follow_reads_a_growing_file_and_stops_promptly(tmp_path):
         assert got.wait_for(5) == ["a", "b", "c", "partial", "d"]
         write(p, "new\n")                       # truncated in place: read from the start
         assert got.wait_for(6)[-1] == "new"
-        os.replace(p, tmp_path / "app.log.1")   # rotated: follow the new file
+        write(p, "unfinished", mode="a")
+        os.replace(p, tmp_path / "app.log.1")   # rotated: the old file's rest, then the new
         write(p, "rotated\n")
-        assert got.wait_for(7)[-1] == "rotated"
+        assert got.wait_for(8)[-2:] == ["unfinished", "rotated"]
     finally:
         run.stop()
     assert run.join(timeout=5)
     assert not run.running
-    assert got.items == ["a", "b", "c", "partial", "d", "new", "rotated"]
+    assert got.items == ["a", "b", "c", "partial", "d", "new", "unfinished", "rotated"]
 
 
 def test_follow_jsonl(tmp_path):
