@@ -20,12 +20,8 @@ in a stage's repr, a report or an error message.
 
 from __future__ import annotations
 
-import datetime
-import decimal
-import difflib
 import os
 import re
-import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import groupby
@@ -35,6 +31,9 @@ from typing import Any
 from . import _io, _runtime
 from ._runtime import TICK
 from ._stage import SINK, SOURCE, Stage, repr_short
+
+# sqlite3, SQLAlchemy and the modules only a running connector needs are imported
+# inside the functions that use them: ``import nanostream`` stays fast.
 
 __all__ = ["sql_sink", "sql_source"]
 
@@ -47,7 +46,7 @@ _first = itemgetter(0)
 _second = itemgetter(1)
 _NOOP = getattr(_runtime, "_noop", None)   # the done() of untracked items: skip the call
 
-_IDENT = re.compile(r"[^\W\d]\w*")
+_IDENT = r"[^\W\d]\w*"    # a plain identifier: what create=True accepts as a column name
 _SECRET_KEYS = {"password", "passwd", "pwd", "sslpassword", "secret", "token", "api_key",
                 "apikey", "access_token"}
 
@@ -192,6 +191,8 @@ class _SqliteDB:
                 raise FileNotFoundError(f"{fn}: no sqlite database at {path!r}" + (
                     "" if readonly else "; pass create=True to create it and the table "
                     "from the first row"))
+        import sqlite3
+
         try:
             if readonly and not memory:
                 uri = "file:" + _uri_path(os.path.abspath(path)) + "?mode=ro"
@@ -231,7 +232,11 @@ class _SqliteDB:
 
     def create(self, table: str, schema: str | None, types: list[tuple[str, type | None]],
                key: tuple[str, ...] | None) -> None:
-        cols = [f"{_quote(c)} {_SQLITE_TYPES.get(t, '')}".rstrip() for c, t in types]
+        import decimal
+
+        names = {bool: "INTEGER", int: "INTEGER", float: "REAL", str: "TEXT", bytes: "BLOB",
+                 decimal.Decimal: "NUMERIC"}
+        cols = [f"{_quote(c)} {names.get(t, '') if t else ''}".rstrip() for c, t in types]
         if key:
             cols.append(f"PRIMARY KEY ({', '.join(map(_quote, key))})")
         self.conn.execute(f"CREATE TABLE IF NOT EXISTS {self._qualified(table, schema)} "
@@ -290,6 +295,8 @@ class _SqliteDB:
         """The error to report when ``exc`` is a problem with the row's data (a
         constraint, a value the driver cannot store), else ``None`` (the database or
         the connection failed: not something to skip)."""
+        import sqlite3
+
         if isinstance(exc, (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError,
                             sqlite3.ProgrammingError, OverflowError, TypeError, ValueError,
                             KeyError)):
@@ -320,12 +327,6 @@ class _SqliteDB:
             self.rollback()
         finally:
             self.conn.close()
-
-
-_SQLITE_TYPES: dict[type | None, str] = {
-    bool: "INTEGER", int: "INTEGER", float: "REAL", str: "TEXT", bytes: "BLOB",
-    decimal.Decimal: "NUMERIC",
-}
 
 
 def _uri_path(path: str) -> str:
@@ -405,6 +406,9 @@ class _AlchemyDB:
 
     def create(self, table: str, schema: str | None, types: list[tuple[str, type | None]],
                key: tuple[str, ...] | None) -> None:
+        import datetime
+        import decimal
+
         sa = self.sa
         known: dict[type | None, Any] = {bool: sa.Boolean, int: sa.BigInteger, float: sa.Float, str: sa.Text,
                  bytes: sa.LargeBinary, decimal.Decimal: sa.Numeric,
@@ -647,7 +651,7 @@ class _Writer:
                             f"{repr_short(first, 80)}: create=True needs a non-empty dict")
         names = list(first)
         for n in names:
-            if not isinstance(n, str) or not _IDENT.fullmatch(n):
+            if not isinstance(n, str) or not re.fullmatch(_IDENT, n):
                 raise ValueError(f"sql_sink: cannot create a column from the key {n!r} of the "
                                  f"first row: with create=True the keys must be plain "
                                  f"identifiers (letters, digits, _); create the table yourself "
@@ -680,6 +684,7 @@ class _Writer:
             if not isinstance(c, str):
                 raise TypeError(f"row keys must be column names (str), got {c!r}")
             if c not in self.columns:
+                import difflib
                 close = difflib.get_close_matches(c, self.order, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise ValueError(f"the row's key {c!r} is not a column of table {self.label!r}"
