@@ -1,16 +1,17 @@
 """Run a pipeline's per-item transforms as tasks on a Dask ``distributed`` cluster.
 
-.. code-block:: python
+```python
+from distributed import Client
+from nanostream.dask import DaskEngine
 
-    from distributed import Client
-    from nanostream.dask import DaskEngine
-
-    client = Client("tcp://scheduler:8786")          # or Client(LocalCluster(...))
-    (source | transform(heavy, workers=8) | sink).run(engine=DaskEngine(client))
+client = Client("tcp://scheduler:8786")          # or Client(LocalCluster(...))
+(source | transform(heavy, workers=8) | sink).run(engine=DaskEngine(client))
+```
 
 Sources, sinks, ``stream=True`` stages, ``async def`` stages and nanostream's own
-operators stay in this process; every other per-item transform (a map, a generator
-transform or an ``ns.filter`` predicate) runs on the cluster. For such a stage:
+per-item operators (``ns.tap``, ``ns.filter_map``, ...) stay in this process; every
+other per-item transform (a map, a generator transform, the function of
+``ns.filter`` or ``ns.flat_map``) runs on the cluster. For such a stage:
 
 - ``workers`` is the most tasks of that stage in flight on the cluster at once. It is
   the back-pressure bound: a fast source blocks instead of flooding the scheduler.
@@ -23,10 +24,10 @@ transform or an ``ns.filter`` predicate) runs on the cluster. For such a stage:
   on as tasks finish.
 - An exception raised by the function becomes a :class:`nanostream.StageError`
   naming the stage and the item, chained to the original exception, whose own
-  ``__cause__`` carries the remote traceback (as for ``executor="process"``); so do
-  ``on_error``, ``retries`` and ``backoff``, which run on the worker. A task that
-  fails outside the function (a worker that dies, an item that cannot be unpickled
-  there) also ends the run with a ``StageError``.
+  ``__cause__`` carries the remote traceback (as for ``executor="process"``).
+  ``on_error`` applies as usual; ``retries`` and ``backoff`` run on the worker. A
+  task that fails outside the function (a worker that dies, an item that cannot be
+  unpickled there) also ends the run with a ``StageError``.
 - Stopping the run (``run.stop(drain=False)``, a failure, ``KeyboardInterrupt``)
   cancels the stage's tasks on the cluster. A call already running on a worker
   cannot be interrupted: it finishes there and its result is dropped.
@@ -37,7 +38,8 @@ every item sent to the stage (an item that is not fails like any item the functi
 raised on, named in the ``StageError``) and every result (likewise). Lambdas,
 closures and functions defined in ``__main__`` or a notebook are shipped by value;
 functions of an importable module are shipped by reference, so that module, and
-nanostream itself, must be installed on the workers.
+nanostream itself, must be installed on the workers (a run checks that the workers
+can import ``nanostream.dask`` before it starts).
 """
 
 from __future__ import annotations
@@ -48,11 +50,13 @@ import pickle
 import threading
 import traceback
 import uuid
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 from concurrent.futures import Future
 from typing import Any
 
+from . import __version__ as _VERSION
 from ._pool import RemoteTraceback, TaskSpec, run_chunk
 from ._stage import TRANSFORM, Stage
 
@@ -83,11 +87,11 @@ class DaskEngine:
     ``task_seconds`` is how long one task should compute: a stage's items are
     grouped into chunks of about that duration (0 sends one item per task).
 
-    .. code-block:: python
-
-        engine = DaskEngine(client, accepts={"render"})
-        report = pipeline.run(engine=engine)      # or pipeline.start(engine=engine)
-        engine.stats()                             # tasks per stage, most in flight
+    ```python
+    engine = DaskEngine(client, accepts={"render"})
+    report = pipeline.run(engine=engine)      # or pipeline.start(engine=engine)
+    engine.stats()                            # tasks per stage, most in flight
+    ```
     """
 
     def __init__(self, client: Any, *,
@@ -143,7 +147,33 @@ class DaskEngine:
 
     def pool(self, spec: TaskSpec, stage: Stage, workers: int) -> _DaskPool:
         """The pool that sends one stage's chunks to the cluster (one per run)."""
-        return _DaskPool(self, spec, stage.name)
+        pool = _DaskPool(self, spec, stage.name)
+        try:
+            self._check_workers()
+        except BaseException:
+            pool.shutdown(abort=True)
+            raise
+        return pool
+
+    def _check_workers(self) -> None:
+        """The tasks call into nanostream.dask: a worker without it would fail to
+        read them and hang the run, so fail now, and say so."""
+        import pkgutil
+        answers = self.client.run(pkgutil.resolve_name, "nanostream.dask:_VERSION",
+                                  on_error="return")
+        missing = sorted(w for w, v in answers.items() if isinstance(v, BaseException))
+        if missing:
+            err = answers[missing[0]]
+            raise RuntimeError(
+                f"nanostream cannot be imported on {len(missing)} Dask worker(s) "
+                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): "
+                f"{type(err).__name__}: {err}; install nanostream {_VERSION} where the "
+                "workers run (pip install 'nanostream[dask]')") from err
+        other = sorted({v for v in answers.values() if v != _VERSION})
+        if other:
+            warnings.warn(f"the Dask workers run nanostream {', '.join(other)}, this "
+                          f"process {_VERSION}; install the same version everywhere",
+                          RuntimeWarning, stacklevel=4)
 
     # -- observability ------------------------------------------------------------
 
@@ -228,14 +258,14 @@ class _DaskPool:
                 good.append(x)
                 where.append(i)
         if not good:
-            done: Future[Any] = Future()
-            done.set_result(([None] * len(chunk), bad, 0.0))
+            done = _Outcome(len(chunk), [], bad)
+            done.set_result(pickle.dumps(([], [], 0.0)))
             return done
         return self._send(cloudpickle.dumps(good), len(chunk), where, bad)
 
     def _send(self, payload: bytes, n: int, where: list[int] | None,
               bad: list[tuple[int, BaseException]]) -> Future[Any]:
-        ours: Future[Any] = Future()
+        ours = _Outcome(n, where, bad)
         key = f"{self._key}-{self._token}-{next(self._seq)}"
         with self._lock:
             if self._closed:
@@ -247,7 +277,9 @@ class _DaskPool:
                                        key=key, pure=False)
             self._live[dfut.key] = (dfut, ours)
             self._count(1, sent=1)
-        dfut.add_done_callback(lambda f: self._complete(f, ours, n, where, bad))
+        # The result is fetched on the client's event loop, so that fetches overlap;
+        # it is unpickled by whoever reads it (the stage's own thread).
+        self._client.loop.add_callback(self._fetch, dfut, ours)
         return ours
 
     def _count(self, delta: int, sent: int = 0) -> None:
@@ -258,34 +290,30 @@ class _DaskPool:
             s["in_flight"] += delta
             s["max_in_flight"] = max(s["max_in_flight"], self._in_flight)
 
-    def _complete(self, dfut: Any, ours: Future[Any], n: int, where: list[int] | None,
-                  bad: list[tuple[int, BaseException]]) -> None:
-        """Runs in Dask's callback thread when a task ends."""
+    async def _fetch(self, dfut: Any, ours: _Outcome) -> None:
+        """Runs on the client's event loop: wait for the task, fetch its result."""
+        data: Any = None
+        error: BaseException | None = None
+        try:
+            data = await self._client.gather(dfut, asynchronous=True)
+        except BaseException as exc:   # the remote error, or the task was cancelled
+            error = exc
         with self._lock:
             if self._live.pop(dfut.key, None) is not None:
                 self._count(-1)
-        if ours.done() or not ours.set_running_or_notify_cancel():
+        dfut.release()
+        if not ours.set_running_or_notify_cancel():
+            return   # shut down meanwhile
+        if error is None:
+            ours.set_result(data)
             return
-        try:
-            if dfut.status == "finished":
-                outcome = _unpack(pickle.loads(dfut.result()), n, where, bad)
-                ours.set_result(outcome)
-            elif dfut.status == "cancelled":
-                ours.set_exception(RuntimeError(
-                    f"the Dask task of stage {self._name!r} was cancelled (was the client "
-                    "closed, or the task cancelled on the cluster?)"))
-            else:
-                exc = dfut.exception()
-                if exc.__cause__ is None:
-                    tb = dfut.traceback()
-                    if tb is not None:
-                        text = "".join(traceback.format_exception(type(exc), exc, tb))
-                        exc.__cause__ = RemoteTraceback(text)
-                ours.set_exception(exc)
-        except BaseException as exc:
-            ours.set_exception(exc)
-        finally:
-            dfut.release()
+        if dfut.cancelled():
+            error = RuntimeError(f"the Dask task of stage {self._name!r} was cancelled (was "
+                                 "the client closed, or the task cancelled on the cluster?)")
+        elif error.__cause__ is None and error.__traceback__ is not None:
+            text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+            error.__cause__ = RemoteTraceback(text)
+        ours.set_exception(error)
 
     def shutdown(self, abort: bool) -> None:
         """Release the cluster: cancel the tasks still queued or running (``abort``)
@@ -310,6 +338,23 @@ class _DaskPool:
         finally:
             for dfut, _ in live:
                 dfut.release()
+
+
+class _Outcome(Future):
+    """A chunk's future: holds the pickled answer of the task, unpacked on first read
+    into ``run_chunk``'s ``(results, failures, seconds)``."""
+
+    def __init__(self, n: int, where: list[int] | None,
+                 bad: list[tuple[int, BaseException]]) -> None:
+        super().__init__()
+        self._shape = (n, where, bad)
+        self._value: Any = None
+
+    def result(self, timeout: float | None = None) -> Any:
+        if self._value is None:
+            raw = super().result(timeout)
+            self._value = _unpack(pickle.loads(raw), *self._shape)
+        return self._value
 
 
 def _unpack(outcome: tuple[list[Any], list[tuple[int, BaseException, str]], float], n: int,

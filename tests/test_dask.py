@@ -431,6 +431,46 @@ def test_big_functions_travel_once_and_are_released(client, engine):
 
 # -- packaging -------------------------------------------------------------------
 
+_hidden: dict = {}
+
+
+def hide_nanostream_dask():
+    _hidden["module"] = sys.modules["nanostream.dask"]
+    sys.modules["nanostream.dask"] = None  # import nanostream.dask now fails
+
+
+def restore_nanostream_dask():
+    sys.modules["nanostream.dask"] = _hidden.pop("module")
+
+
+def pretend_version(version):
+    import nanostream.dask as mod
+    _hidden.setdefault("version", mod._VERSION)
+    mod._VERSION = version if version is not None else _hidden.pop("version")
+
+
+def test_workers_without_nanostream_are_a_clear_error(client):
+    client.run(hide_nanostream_dask)
+    try:
+        with pytest.raises(RuntimeError, match=r"nanostream cannot be imported on 2 Dask "
+                                               r"worker\(s\).*install nanostream"):
+            (range(3) | transform(square, workers=2)).run(engine=DaskEngine(client))
+    finally:
+        client.run(restore_nanostream_dask)
+
+
+def test_another_nanostream_version_on_the_workers_is_a_warning(client):
+    client.run(pretend_version, "0.0.1")
+    try:
+        out: list = []
+        with pytest.warns(RuntimeWarning, match="workers run nanostream 0.0.1"):
+            (range(3) | transform(square, workers=2)
+             | sink(out.append)).run(engine=DaskEngine(client))
+        assert out == [0, 1, 4]
+    finally:
+        client.run(pretend_version, None)
+
+
 def test_arguments_are_checked(client):
     with pytest.raises(TypeError, match="needs a distributed.Client"):
         DaskEngine("tcp://127.0.0.1:8786")
