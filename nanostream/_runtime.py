@@ -1324,6 +1324,14 @@ class Run:
             raise RuntimeError("this Run was never started")
         if self._done.is_set():
             return
+        if self._in_own_thread():
+            # called by one of the run's own stages, which cannot wait for itself
+            # to end: ask for the stop and let the run end as the stage returns
+            if drain:
+                self._request_source_stop()
+            else:
+                self._abort()
+            return
         if drain:
             self._request_source_stop()
             deadline = None if timeout is None else time.monotonic() + timeout
@@ -1341,6 +1349,15 @@ class Run:
             if time.monotonic() - (self._aborted_at or 0) > GRACE:
                 self._warn_stuck()
                 break
+
+    def _in_own_thread(self) -> bool:
+        me = threading.current_thread()
+        for r in self.runners:
+            pool = getattr(r, "pool", None)
+            workers = pool.alive() if isinstance(pool, ThreadPool) else ()
+            if me in r.threads or me in workers or me is getattr(pool, "_thread", None):
+                return True
+        return False
 
     def __enter__(self) -> Run:
         return self
