@@ -1230,3 +1230,33 @@ def test_keyboard_interrupt_between_thread_starts_stops_promptly(monkeypatch):
          ).run()
     assert src.closed.is_set()
     assert ns.running() == []
+
+
+@pytest.mark.parametrize("drain", [True, False])
+@pytest.mark.parametrize("kind", ["single", "workers", "async"])
+def test_a_stage_can_stop_its_own_run(drain, kind):
+    """stop() called from inside a stage must not wait for that very stage."""
+    src = Endless()
+    holder: dict = {}
+    asked = threading.Event()
+
+    def stopper(x):
+        if x == 10 and not asked.is_set():
+            asked.set()
+            holder["run"].stop(drain=drain)
+
+    async def astopper(x):
+        stopper(x)
+
+    stage = {"single": sink(stopper, name="stopper"),
+             "workers": sink(stopper, name="stopper", workers=2),
+             "async": sink(astopper, name="stopper", workers=2)}[kind]
+    run = ns.Run(src.stage() | stage)
+    holder["run"] = run
+    run.start()
+    # a stop that waited for its own caller would take the grace period and warn
+    # (a RuntimeWarning is an error here)
+    assert run.join(WAIT)
+    assert asked.is_set()
+    assert src.closed.is_set()
+    assert not run.running
