@@ -226,7 +226,7 @@ class ProcessPool:
                         _close_pipes(proc)
                         proc = None
                         raise RuntimeError(f"the worker process of stage {self._name!r} died "
-                                           f"(exit code {code}) while handling this item")
+                                           f"(exit code {code}) while handling its chunk")
                     results, failures, secs = pickle.loads(data)
                     rebuilt = []
                     for idx, exc, tb in failures:

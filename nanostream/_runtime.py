@@ -15,7 +15,7 @@ from ._channel import Aborted, Channel
 from ._errors import StageError
 from ._pool import AsyncPool, ProcessPool, TaskSpec, ThreadPool, bind
 from ._report import Report, StageStats
-from ._stage import SINK, SOURCE, Stage
+from ._stage import SINK, SOURCE, Stage, repr_short
 from ._tracking import Ticket, group, release, retain
 
 if TYPE_CHECKING:
@@ -750,7 +750,13 @@ class _PoolRunner(_Runner):
         try:
             results, failures, secs = fut.result()
         except Exception as exc:
-            raise _Failed(StageError(self.name, xs[0], exc)) from None
+            if len(xs) == 1:
+                raise _Failed(StageError(self.name, xs[0], exc)) from None
+            # the whole task failed (e.g. its worker process died): which item did it
+            # is not known, so none is blamed
+            raise _Failed(StageError(self.name, exc=exc, detail=(
+                f"in a chunk of {len(xs)} items, {repr_short(xs[0])} to "
+                f"{repr_short(xs[-1])}"))) from None
         self.busy += secs
         if secs > 0 and results:
             per_item = secs / len(results)
