@@ -1260,3 +1260,31 @@ def test_a_stage_can_stop_its_own_run(drain, kind):
     assert asked.is_set()
     assert src.closed.is_set()
     assert not run.running
+
+
+def test_a_dead_worker_process_does_not_blame_an_innocent_item():
+    import os
+
+    def fatal(x):
+        if x == 150:
+            os._exit(3)  # the worker process dies
+        return x
+
+    with pytest.raises(ns.StageError) as info:
+        (list(range(300)) | transform(fatal, executor="process", name="cpu")
+         | sink(lambda x: None)).run()
+    err = info.value
+    assert err.stage == "cpu"
+    assert "died (exit code 3)" in str(err)
+    # chunks hold several items by then: the culprit is named, or none is
+    assert not err.has_item or err.item == 150, f"blamed item {err.item}"
+
+
+def test_process_executor_skips_failing_items_in_order():
+    def picky(x):
+        if x % 7 == 3:
+            raise ValueError(x)
+        return x * 2
+
+    out = list(range(100) | transform(picky, executor="process", on_error="skip"))
+    assert out == [x * 2 for x in range(100) if x % 7 != 3]
