@@ -525,3 +525,28 @@ def test_a_stage_that_wants_no_more_input_reports_what_it_dropped(workers):
     assert kept == [0, 1, 2, 3, 4]
     assert produced >= 5
     assert led.done == Counter(range(produced))
+
+
+def test_diamond_reports_after_both_copies_reach_the_sink():
+    led = Ledger(lambda x: Counter({("a", x): 1, ("b", x): 1}))
+    p = led.source(ITEMS) | (transform(lambda x: ("a", x)),
+                             transform(lambda x: ("b", x), workers=2)) | led.sink()
+    p.run()
+    led.check_all_done(ITEMS)
+
+
+def test_slow_fused_stages_that_split_apart_keep_reporting():
+    # both stages slow per item: the fused link splits into two threads mid-run
+    led = Ledger(lambda x: Counter({x + 1: 1}))
+
+    def slow_inc(x):
+        time.sleep(0.0002)  # the work
+        return x + 1
+
+    def slow_record(y):
+        time.sleep(0.0002)
+        led.record(y)
+
+    (led.source(ITEMS * 3) | transform(slow_inc) | sink(slow_record)).run()
+    assert led.early == []
+    assert led.done == Counter(ITEMS * 3)
