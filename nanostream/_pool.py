@@ -359,12 +359,16 @@ class AsyncPool:
             raise
 
     def shutdown(self, abort: bool) -> None:
+        """Stop the loop; does not wait (it is called while a run aborts)."""
         if not self._loop.is_closed():
             try:
                 self._loop.call_soon_threadsafe(self._loop.stop)
             except RuntimeError:
                 pass
-        self._thread.join(5)
+
+    def join(self) -> None:
+        """Wait for the loop's thread to end (after :meth:`shutdown`)."""
+        self._thread.join()
 
 
 def bind(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Callable[..., Any]:
