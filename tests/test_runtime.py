@@ -1088,8 +1088,8 @@ def test_a_stage_is_not_called_again_after_the_run_aborted():
 
 # -- stuck stages -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("workers", [1, 3])
-def test_a_stuck_stage_is_named_in_a_warning_after_the_grace_period(monkeypatch, workers):
+@pytest.mark.parametrize("kind", ["single", "workers", "async", "stream", "source"])
+def test_a_stuck_stage_is_named_in_a_warning_after_the_grace_period(monkeypatch, kind):
     monkeypatch.setattr(runtime, "GRACE", 0.2)
     hold = threading.Event()
     entered = threading.Event()
@@ -1098,21 +1098,43 @@ def test_a_stuck_stage_is_named_in_a_warning_after_the_grace_period(monkeypatch,
         entered.set()
         hold.wait(WAIT * 3)  # cannot be interrupted
 
+    async def astuck(x):
+        stuck(x)  # blocks the stage's event loop itself
+
+    @sink(stream=True, name="stuck")
+    def stream_stuck(items):
+        for x in items:
+            stuck(x)
+
+    @source(name="stuck")
+    def stuck_source():
+        yield "boom"
+        stuck(None)  # blocked inside the source's own next()
+
     @source
     def items():
         yield 1
         assert entered.wait(WAIT)
         yield "boom"
 
-    p = items() | (sink(stuck, name="stuck", workers=workers),
-                   sink(fail_on("boom").fn, name="fails"))
+    fails = sink(fail_on("boom").fn, name="fails")
+    if kind == "source":
+        p = stuck_source() | fails
+        entered.set()
+    else:
+        stage = {"single": sink(stuck, name="stuck"),
+                 "workers": sink(stuck, name="stuck", workers=3),
+                 "async": sink(astuck, name="stuck", workers=2),
+                 "stream": stream_stuck}[kind]
+        p = items() | (stage, fails)
     try:
         with pytest.warns(RuntimeWarning, match="'stuck'") as warned, \
                 pytest.raises(ns.StageError) as info:
             p.run()
         assert info.value.stage == "fails"
-        assert "did not stop within 0.2 s" in str(warned[0].message)
-        assert "'fails'" not in str(warned[0].message)
+        message = str(warned[0].message)
+        assert "did not stop within 0.2 s" in message
+        assert "'fails'" not in message, "a stage that did stop was named"
         assert ns.running() == []  # abandoned runs are not listed as running
     finally:
         hold.set()  # let the abandoned thread end; the guard then finds nothing left
@@ -1148,6 +1170,7 @@ def test_async_pool_submit_after_shutdown_leaks_no_coroutine():
 
     pool = AsyncPool(TaskSpec(ident, "map", 0, 0.0, True), 1, "late")
     pool.shutdown(abort=True)
+    pool.join()  # the loop is closed now
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(RuntimeError):
