@@ -9,6 +9,8 @@ import pytest
 
 import nanostream as ns
 
+pytest_plugins = ["tests.kafka_fixtures"]  # kafka_broker, kafka_topic, make_topic, kafka_tls_broker
+
 
 def _nanostream_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate()

@@ -13,7 +13,6 @@ import time
 
 import pytest
 
-from tests.kafka_fixtures import *  # noqa: F403  (the fixtures, as conftest will import them)
 from tests.kafka_support import (
     BOOTSTRAP_ENV,
     FAST_GROUP,
