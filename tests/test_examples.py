@@ -83,3 +83,14 @@ def test_kafka_etl_starts_its_own_broker():
     out = run_example("kafka_etl.py", "--count", "300", warnings="error::RuntimeWarning")
     assert "started a local broker at 127.0.0.1:" in out
     assert "300 orders in 'orders-euro'" in out
+
+
+@needs_kafka
+@pytest.mark.kafka
+def test_kafka_etl_with_a_given_broker(kafka_broker, make_topic):
+    source, target = make_topic(), make_topic()
+    out = run_example("kafka_etl.py", "--bootstrap", kafka_broker.bootstrap, "--count", "200",
+                      "--source-topic", source, "--target-topic", target,
+                      warnings="error::RuntimeWarning")
+    assert "started a local broker" not in out
+    assert f"200 orders in {target!r}" in out
