@@ -6,8 +6,20 @@ Stateful ones (:func:`batch`, :func:`scan`, :func:`stateful_map`, :func:`reduce`
 :func:`take`, :func:`take_while`, :func:`skip`, :func:`distinct`,
 :func:`rate_limit` and the windows of :mod:`nanostream.windows`) are
 ``stream=True`` stages: one worker each, state kept across items, and the options
-``name``, ``queue_size`` and ``on_error`` (which they apply per item themselves).
-Keyed operators (``key=``) keep one state per key and emit ``(key, value)`` pairs.
+``name``, ``queue_size`` and ``on_error`` (which they apply per item themselves,
+through the runtime's stage context: the effective name and policy, errors counted
+in the report). Keyed operators (``key=``) keep one state per key and emit
+``(key, value)`` pairs.
+
+Completion tracking: the windows name the items behind each window (see
+:mod:`nanostream.windows`). The other stateful operators rely on the runtime's rule
+that an output covers the items taken since the previous output, which is exact for
+them: each emits an output right after taking the items it derives from (``batch``,
+``scan``, ``stateful_map``, ``take``, ``take_while``, ``skip``, ``distinct``,
+``rate_limit``), or once at the end covering everything (``reduce``). An item that
+produces nothing (skipped by ``skip`` or ``on_error``, a ``distinct`` duplicate, the
+item that ends ``take_while``) is acknowledged together with the next output, or
+when the stage ends.
 """
 
 from __future__ import annotations
@@ -197,7 +209,7 @@ def tap(fn: Callable[[Any], Any], **options: Any) -> Stage:
 # -- batching ----------------------------------------------------------------------------
 
 def _batch(items: Iterable[Any], size: int, timeout: float | None = None,
-           clock: Callable[[], float] | None = None) -> Iterator[list[Any]]:
+           clock: Callable[[], float] | None = None, ctx: Any = None) -> Iterator[list[Any]]:
     if timeout is None:
         it = iter(items)
         while True:
@@ -261,8 +273,8 @@ def batch(size: int, timeout: float | None = None, *,
 
 def _scan(items: Iterable[Any], fn: Callable[[Any, Any], Any], initial: Any = _NOTHING,
           key: Callable[[Any], Any] | None = None,
-          name: str = "scan", on_error: Any = "raise") -> Iterator[Any]:
-    fail = _Errors(name, on_error)
+          name: str = "scan", on_error: Any = "raise", ctx: Any = None) -> Iterator[Any]:
+    fail = _Errors(name, on_error, ctx)
     if key is None:
         acc = copy.deepcopy(initial)
         for x in items:
@@ -327,8 +339,9 @@ def scan(fn: Callable[[Any, Any], Any], initial: Any = _NOTHING, *,
 
 def _stateful_map(items: Iterable[Any], fn: Callable[[Any, Any], Any],
                   key: Callable[[Any], Any] | None = None,
-                  name: str = "stateful_map", on_error: Any = "raise") -> Iterator[Any]:
-    fail = _Errors(name, on_error)
+                  name: str = "stateful_map", on_error: Any = "raise",
+                  ctx: Any = None) -> Iterator[Any]:
+    fail = _Errors(name, on_error, ctx)
     states: dict[Any, Any] = {}
     for x in items:
         k = None if key is None else _key_of(key, fail, x)
@@ -371,16 +384,16 @@ def stateful_map(fn: Callable[[Any, Any], tuple[Any, Any]], *,
 
 def _reduce(items: Iterable[Any], fn: Callable[[Any, Any], Any], initial: Any = _NOTHING,
             key: Callable[[Any], Any] | None = None,
-            name: str = "reduce", on_error: Any = "raise") -> Iterator[Any]:
+            name: str = "reduce", on_error: Any = "raise", ctx: Any = None) -> Iterator[Any]:
     if key is None:
         acc = copy.deepcopy(initial)
-        for acc in _scan(items, fn, initial, None, name, on_error):  # noqa: B007
+        for acc in _scan(items, fn, initial, None, name, on_error, ctx):  # noqa: B007
             pass
         if acc is not _NOTHING:
             yield acc
         return
     state: dict[Any, Any] = {}
-    for k, acc in _scan(items, fn, initial, key, name, on_error):
+    for k, acc in _scan(items, fn, initial, key, name, on_error, ctx):
         state[k] = acc
     yield from state.items()
 
@@ -408,7 +421,7 @@ def reduce(fn: Callable[[Any, Any], Any], initial: Any = _NOTHING, *,
 
 # -- taking and skipping ------------------------------------------------------------------
 
-def _take(items: Iterable[Any], n: int) -> Iterator[Any]:
+def _take(items: Iterable[Any], n: int, ctx: Any = None) -> Iterator[Any]:
     # Returning before the input ends tells the runtime this stage wants no more:
     # it discards its input and the sources upstream stop.
     yield from toolz.take(n, items)
@@ -431,8 +444,9 @@ def take(n: int, **options: Any) -> Stage:
 
 
 def _take_while(items: Iterable[Any], predicate: Callable[[Any], Any],
-                name: str = "take_while", on_error: Any = "raise") -> Iterator[Any]:
-    fail = _Errors(name, on_error)
+                name: str = "take_while", on_error: Any = "raise",
+                ctx: Any = None) -> Iterator[Any]:
+    fail = _Errors(name, on_error, ctx)
     for x in items:
         try:
             ok = predicate(x)
@@ -461,7 +475,7 @@ def take_while(predicate: Callable[[Any], Any], **options: Any) -> Stage:
     return _stage(_take_while, opts, {"predicate": predicate, **_policy_kwargs(opts, op)})
 
 
-def _skip(items: Iterable[Any], n: int) -> Iterator[Any]:
+def _skip(items: Iterable[Any], n: int, ctx: Any = None) -> Iterator[Any]:
     return toolz.drop(n, items)
 
 
@@ -480,8 +494,9 @@ def skip(n: int, **options: Any) -> Stage:
 
 def _distinct(items: Iterable[Any], key: Callable[[Any], Any] | None = None,
               maxsize: int | None = None,
-              name: str = "distinct", on_error: Any = "raise") -> Iterator[Any]:
-    fail = _Errors(name, on_error)
+              name: str = "distinct", on_error: Any = "raise",
+              ctx: Any = None) -> Iterator[Any]:
+    fail = _Errors(name, on_error, ctx)
     seen: dict[Any, None] = {}  # insertion-ordered: the oldest key is evicted first
     for x in items:
         try:
@@ -525,9 +540,17 @@ def distinct(key: Callable[[Any], Any] | str | int | None = None, *,
 
 def _rate_limit(items: Iterable[Any], per_second: float, burst: int = 1,
                 clock: Callable[[], float] | None = None,
-                sleep: Callable[[float], Any] | None = None) -> Iterator[Any]:
+                sleep: Callable[[float], Any] | None = None, ctx: Any = None) -> Iterator[Any]:
     now = clock or time.monotonic
-    nap = sleep or time.sleep
+    if sleep is None:
+        # in a run, ctx.sleep: passes on what is ready first, and an abort wakes it up
+        nap = time.sleep if ctx is None else ctx.sleep
+    elif ctx is None:
+        nap = sleep
+    else:
+        def nap(seconds: float) -> None:
+            ctx.sleep(0)  # pass on what is ready (and give up if the run aborted)
+            sleep(seconds)
     tokens = float(burst)
     last: float | None = None
     for x in items:
@@ -549,9 +572,11 @@ def rate_limit(per_second: float, *, burst: int = 1, clock: Callable[[], float] 
     """Pass at most ``per_second`` items per second on, waiting as needed (a token
     bucket holding up to ``burst`` items).
 
-    Waiting applies back-pressure upstream; nothing is dropped. ``clock`` and
-    ``sleep`` (default ``time.monotonic`` / ``time.sleep``) can be replaced for
-    tests in virtual time. Options: ``name``, ``queue_size``.
+    Waiting applies back-pressure upstream; nothing is dropped. In a run the stage
+    waits in a way that a stop without drain (or a failure elsewhere) interrupts at
+    once. ``clock`` and ``sleep`` (default ``time.monotonic`` / that abortable wait,
+    ``time.sleep`` when the stage is called directly) can be replaced for tests in
+    virtual time. Options: ``name``, ``queue_size``.
 
     >>> import nanostream as ns
     >>> list(range(3) | ns.rate_limit(1000))

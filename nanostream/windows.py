@@ -19,6 +19,14 @@ function is given.
 
 At end of stream (including ``Run.stop(drain=True)``) every open window is emitted,
 partial ones included.
+
+Completion tracking is exact: an item from a tracking source counts as handled once
+every window holding it has been handled downstream, and an item that ends in no
+window (late, or its ``key`` / ``timestamp`` skipped by ``on_error``) once it is
+dropped. Keyed, sliding and time windows name the items behind each window they
+emit (the runtime's ``explicit_tracking`` hook); an unkeyed ``tumbling(size=n)``
+emits each window right after taking its last item, which the runtime's default
+rule (an output covers the items taken since the previous one) already gets right.
 """
 
 from __future__ import annotations
@@ -33,11 +41,11 @@ import operator
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from itertools import count, islice
+from itertools import count, islice, repeat
 from typing import Any, NamedTuple
 
 from ._errors import StageError
-from ._runtime import TICK, _Failed
+from ._runtime import TICK
 from ._stage import DEFAULTS, TRANSFORM, Stage
 
 __all__ = ["Window", "session", "sliding", "tumbling"]
@@ -68,48 +76,61 @@ class Window(NamedTuple):
 
 # -- shared helpers (also used by nanostream.operators) ----------------------------
 
-class _OperatorError(StageError, _Failed):
-    """A :class:`StageError` raised from inside a stream operator.
-
-    Also a subclass of the runtime's internal ``_Failed``, so the runtime hands it
-    to the caller as is instead of wrapping it in a second StageError without the
-    item. To the user it is a plain ``StageError``.
-    """
-
-    def __init__(self, stage: str, item: Any, exc: BaseException | None,
-                 detail: str | None = None) -> None:
-        plain = StageError(stage, item, exc, detail)
-        StageError.__init__(self, stage, item, exc, detail)
-        self.args = plain.args
-        self.error = self
-
-
 class _Errors:
-    """Applies an operator's ``on_error`` to one item inside a stream stage.
+    """Applies the stage's ``on_error`` to one item inside a stream stage.
 
     The runtime cannot apply the policy per item in a ``stream=True`` stage, so the
-    operators do it themselves: ``"raise"`` fails the run with a StageError naming
-    the item, ``"skip"`` drops the item, a callable gets ``(item, exc)``.
+    operators do it themselves. In a run, ``ctx.item_error`` does it: the stage's
+    *effective* name and ``on_error`` (also after ``with_options``), the error counted
+    in the report, a :class:`StageError` naming the item under ``"raise"``. When the
+    stage function is called directly (no ``ctx``), the name and policy the operator
+    was built with apply: ``"raise"`` raises the StageError, ``"skip"`` drops the
+    item, a callable gets ``(item, exc)``.
     """
 
-    __slots__ = ("name", "policy")
+    __slots__ = ("ctx", "name", "policy")
 
-    def __init__(self, name: str, policy: Any) -> None:
-        self.name = name
+    def __init__(self, name: str, policy: Any, ctx: Any = None) -> None:
+        self.name = name if ctx is None else ctx.name
         self.policy = policy
+        self.ctx = ctx
 
     def __call__(self, item: Any, exc: BaseException) -> None:
+        if self.ctx is not None:
+            self.ctx.item_error(exc, item)
+            return
         policy = self.policy
         if policy == "raise":
-            raise _OperatorError(self.name, item, exc)
+            raise StageError(self.name, item, exc)
         if policy == "skip":
             log.debug("stage %r skipped item %r: %r", self.name, item, exc)
             return
         try:
             policy(item, exc)
         except Exception as cb_exc:
-            raise _OperatorError(self.name, item, cb_exc,
-                                 detail="the on_error callback raised") from None
+            raise StageError(self.name, item, cb_exc,
+                             detail="the on_error callback raised") from cb_exc
+
+
+_NO_TOKENS: tuple[Any, ...] = ()
+
+
+def _release_nothing(tokens: Iterable[Any]) -> None:
+    """``release`` for a stage function called directly: there are no tokens."""
+
+
+def _paired(items: Iterable[Any], ticks: bool = False) -> Iterator[Any]:
+    """Plain input as the ``(item, token)`` pairs of explicit tracking (no tokens);
+    ``TICK`` markers, when the stage takes them, stay as they are."""
+    if not ticks:
+        return zip(items, repeat(None))
+    return (x if x is TICK else (x, None) for x in items)
+
+
+def _direct(core: Iterator[tuple[Any, Any]]) -> Iterator[Any]:
+    """The outputs of an explicitly tracking stage function, without their tokens."""
+    for w, _ in core:
+        yield w
 
 
 def _getter(what: str, op: str, value: Any) -> Callable[[Any], Any] | None:
@@ -171,18 +192,28 @@ def _stage_options(op: str, options: dict[str, Any], params: Iterable[str],
 
 
 def _stage(fn: Callable[..., Any], options: dict[str, Any], kwargs: dict[str, Any],
-           tick: float | None = None) -> Stage:
-    """A stream stage running ``fn(items, **kwargs)``.
+           tick: float | None = None, explicit: bool = False) -> Stage:
+    """A stream stage running ``fn(items, ctx=..., **kwargs)``.
+
+    ``fn`` gets the runtime's stage context (``ctx``: the effective name and
+    ``on_error``, abortable ``sleep``; its outputs are buffered, so emitting is
+    cheap). With ``explicit``, it also does its own completion tracking: it takes
+    ``(item, token)`` pairs, yields ``(output, tokens)`` pairs and calls
+    ``release(tokens)`` once an item will be in no further output.
 
     The stage's kwargs (shown in its repr) are the arguments the user set; the
-    stage name and error policy the function reports with, and arguments left at
-    their defaults, are bound in a ``functools.partial`` instead.
+    stage name and error policy the function reports with when called directly, and
+    arguments left at their defaults, are bound in a ``functools.partial`` instead.
     """
     defaults = {p.name: p.default for p in inspect.signature(fn).parameters.values()}
     hidden = {k: kwargs[k] for k in ("name", "on_error") if k in kwargs}
     shown = {k: v for k, v in kwargs.items()
              if k not in hidden and (k not in defaults or defaults[k] is not v)}
-    internal = {"tick": tick} if tick is not None else None
+    internal: dict[str, Any] = {"context": True}
+    if tick is not None:
+        internal["tick"] = tick
+    if explicit:
+        internal["explicit_tracking"] = True
     return Stage(functools.partial(fn, **hidden), TRANSFORM, options, kwargs=shown,
                  internal=internal)
 
@@ -206,8 +237,8 @@ class _Late:
 
     __slots__ = ("count", "lateness", "name", "policy")
 
-    def __init__(self, name: str, policy: Any, lateness: float) -> None:
-        self.name = name
+    def __init__(self, name: str, policy: Any, lateness: float, ctx: Any = None) -> None:
+        self.name = name if ctx is None else ctx.name
         self.policy = policy
         self.lateness = lateness
         self.count = 0
@@ -220,15 +251,15 @@ class _Late:
                       self.name, item, ts, watermark)
             return
         if policy == "raise":
-            raise _OperatorError(self.name, item, ValueError(
+            raise StageError(self.name, item, ValueError(
                 f"late item: timestamp {ts!r} falls in windows already emitted (watermark "
                 f"{watermark!r} = newest timestamp - lateness {self.lateness!r}); raise "
                 f"lateness, or pass on_late='drop' or a callable"))
         try:
             policy(item)
         except Exception as exc:
-            raise _OperatorError(self.name, item, exc,
-                                 detail="the on_late callback raised") from None
+            raise StageError(self.name, item, exc,
+                             detail="the on_late callback raised") from exc
 
     def summary(self) -> None:
         if self.count and self.policy == "drop":
@@ -257,63 +288,116 @@ def _key_of(key: Callable[[Any], Any] | None, fail: _Errors, x: Any) -> Any:
 
 
 # -- count windows ------------------------------------------------------------------
+#
+# Completion tracking. Each window emitted names the tokens of its items; an item's
+# token is released once the last window that can hold it has been emitted (or
+# skipped), or at once when the item is dropped. Untracked, every token is None and
+# no token list is ever built.
+
+def _chunks(items: Iterable[Any], size: int, step: int | None = None,
+            key: None = None, agg: Callable[[list[Any]], Any] | None = None,
+            name: str = "tumbling", on_error: Any = "raise", ctx: Any = None
+            ) -> Iterator[Window]:
+    """Unkeyed tumbling count windows (``step`` is None or ``size``; no ``key``):
+    consecutive chunks, each emitted right after its last item is pulled
+    (toolz.partition_all holds a chunk back until the next one is full), so the
+    runtime's default tracking rule is exact for them."""
+    fail = _Errors(name, on_error, ctx)
+    it = iter(items)
+    start = 0
+    while True:
+        chunk = list(islice(it, size))
+        if not chunk:
+            return
+        end = start + len(chunk)
+        w = Window(None, start, end, chunk) if agg is None else _make(
+            agg, fail, None, start, end, chunk)
+        if w is not _SKIP:
+            yield w
+        start = end
+
 
 def _count_windows(items: Iterable[Any], size: int, step: int | None = None,
                    key: Callable[[Any], Any] | None = None,
                    agg: Callable[[list[Any]], Any] | None = None,
-                   name: str = "window", on_error: Any = "raise") -> Iterator[Window]:
+                   name: str = "window", on_error: Any = "raise", ctx: Any = None,
+                   release: Callable[[Iterable[Any]], None] | None = None) -> Iterator[Any]:
+    """Keyed and/or sliding count windows (explicit tracking)."""
+    fail = _Errors(name, on_error, ctx)
     step = size if step is None else step
-    fail = _Errors(name, on_error)
-    if key is None and step == size:
-        # Consecutive chunks, each emitted right after its last item is pulled
-        # (toolz.partition_all holds a chunk back until the next one is full).
-        it = iter(items)
-        start = 0
-        while True:
-            chunk = list(islice(it, size))
-            if not chunk:
-                return
-            end = start + len(chunk)
-            w = Window(None, start, end, chunk) if agg is None else _make(
-                agg, fail, None, start, end, chunk)
-            if w is not _SKIP:
-                yield w
-            start = end
+    if release is None:  # called directly
+        return _direct(_count_core(_paired(items), size, step, key, agg, fail,
+                                   _release_nothing))
+    return _count_core(items, size, step, key, agg, fail, release)
 
-    # per key: [items seen, buffer of the newest items]
+
+def _count_core(pairs: Iterable[Any], size: int, step: int,
+                key: Callable[[Any], Any] | None, agg: Callable[[list[Any]], Any] | None,
+                fail: _Errors, release: Callable[[Iterable[Any]], None]
+                ) -> Iterator[tuple[Any, Any]]:
+    # per key: [items seen, buffer of the newest items, tokens]. The tokens are those
+    # of the items still due in a window: a list for tumbling windows; for sliding
+    # ones a deque of (position, token), positions from the next window's start on.
     states: dict[Any, list[Any]] = {}
     tumbling = step == size
-    for x in items:
-        k = None if key is None else _key_of(key, fail, x)
-        if k is _SKIP:
-            continue
+    for x, tok in pairs:
+        if key is None:
+            k = None
+        else:
+            try:
+                k = key(x)
+            except Exception as exc:
+                fail(x, exc)
+                if tok is not None:
+                    release((tok,))
+                continue
         st = states.get(k)
         if st is None:
-            st = states[k] = [0, [] if tumbling else deque(maxlen=size)]
+            st = states[k] = [0, [] if tumbling else deque(maxlen=size), None]
         buf = st[1]
         buf.append(x)
         pos = st[0]
         st[0] = pos + 1
+        if tok is not None:
+            if st[2] is None:
+                st[2] = [] if tumbling else deque()
+            st[2].append(tok if tumbling else (pos, tok))
         first = pos - size + 1
         if first >= 0 and first % step == 0:
+            toks = st[2]
             if tumbling:
                 st[1] = []
+                st[2] = None
                 w = _make(agg, fail, k, first, pos + 1, buf)
+                if w is not _SKIP:
+                    yield w, toks or _NO_TOKENS
+                if toks:
+                    release(toks)
             else:
                 w = _make(agg, fail, k, first, pos + 1, list(buf))
-            if w is not _SKIP:
-                yield w
+                if w is not _SKIP:
+                    yield w, [t for _, t in toks] if toks else _NO_TOKENS
+                if toks:  # items before the next window's start are in no further window
+                    limit = first + step
+                    gone = []
+                    while toks and toks[0][0] < limit:
+                        gone.append(toks.popleft()[1])
+                    if gone:
+                        release(gone)
     # End of stream: the first window not yet emitted, if it has items that no
     # emitted window holds, goes out partial.
-    for k, (n, buf) in states.items():
+    for k, (n, buf, toks) in states.items():
         last = n - 1
         done = (last - size + 1) // step + 1 if last >= size - 1 else 0
         start = done * step
         covered = (done - 1) * step + size if done else 0
+        named = (toks if tumbling else [t for _, t in toks]) if toks else _NO_TOKENS
         if start <= last and last >= covered:
             w = _make(agg, fail, k, start, n, list(buf)[len(buf) - (n - start):])
             if w is not _SKIP:
-                yield w
+                yield w, named
+        if named:
+            release(named)
 
 
 # -- time windows (tumbling and sliding) ----------------------------------------------
@@ -333,50 +417,82 @@ def _time_windows(items: Iterable[Any], seconds: float, step: float | None = Non
                   key: Callable[[Any], Any] | None = None,
                   agg: Callable[[list[Any]], Any] | None = None, on_late: Any = "drop",
                   clock: Callable[[], float] | None = None,
-                  name: str = "window", on_error: Any = "raise") -> Iterator[Window]:
-    size = seconds
-    step = size if step is None else step
+                  name: str = "window", on_error: Any = "raise", ctx: Any = None,
+                  release: Callable[[Iterable[Any]], None] | None = None) -> Iterator[Any]:
+    fail = _Errors(name, on_error, ctx)
+    late = _Late(name, on_late, lateness, ctx)
+    step = seconds if step is None else step
+    if release is None:  # called directly
+        return _direct(_time_core(_paired(items, timestamp is None), seconds, step, timestamp,
+                                  lateness, key, agg, clock, fail, late, _release_nothing))
+    return _time_core(items, seconds, step, timestamp, lateness, key, agg, clock, fail, late,
+                      release)
+
+
+def _time_core(pairs: Iterable[Any], size: float, step: float,
+               timestamp: Callable[[Any], Any] | None, lateness: float,
+               key: Callable[[Any], Any] | None, agg: Callable[[list[Any]], Any] | None,
+               clock: Callable[[], float] | None, fail: _Errors, late: _Late,
+               release: Callable[[Iterable[Any]], None]) -> Iterator[tuple[Any, Any]]:
     tumbling = step == size
     now = clock or time.monotonic
-    fail = _Errors(name, on_error)
-    late = _Late(name, on_late, lateness)
     windows: dict[Any, dict[Any, list[Any]]] = {}  # window index -> key -> items
+    # tracked only: (window index, key) -> the tokens of its items, and, for sliding
+    # windows, -> the tokens of the items whose last window it is
+    named: dict[tuple[Any, Any], list[Any]] = {}
+    finals: dict[tuple[Any, Any], list[Any]] = {} if not tumbling else named
     heap: list[Any] = []
     watermark = -_INF
     heappush = heapq.heappush
 
-    def close(limit: float) -> Iterator[Window]:
+    def close(limit: float) -> Iterator[tuple[Any, Any]]:
         while heap and heap[0] * step + size <= limit:
             j = heapq.heappop(heap)
             start = j * step
             for k, members in windows.pop(j).items():
                 w = _make(agg, fail, k, start, start + size, members)
+                if not named:
+                    if w is not _SKIP:
+                        yield w, _NO_TOKENS
+                    continue
+                toks = named.pop((j, k), _NO_TOKENS)
                 if w is not _SKIP:
-                    yield w
+                    yield w, toks
+                done = toks if tumbling else finals.pop((j, k), None)
+                if done:
+                    release(done)
+
+    def drop(tok: Any) -> None:
+        if tok is not None:
+            release((tok,))
 
     try:
-        for x in items:
+        for pair in pairs:
             if timestamp is None:  # processing time: the clock, read as the item arrives
                 ts = now()
                 if ts > watermark:
                     watermark = ts
                 if heap and heap[0] * step + size <= ts:
                     yield from close(ts)
-                if x is TICK:
+                if pair is TICK:
                     continue
+                x, tok = pair
             else:
+                x, tok = pair
                 try:
                     ts = timestamp(x)
                     if (ts.__class__ is not int and ts.__class__ is not float) or ts != ts:
                         ts = _as_time(ts)
                 except Exception as exc:
                     fail(x, exc)
+                    drop(tok)
                     continue
             if key is None:
                 k = None
             else:
                 k = _key_of(key, fail, x)
                 if k is _SKIP:
+                    drop(tok)
                     continue
             if tumbling:
                 j = ts // size
@@ -395,8 +511,11 @@ def _time_windows(items: Iterable[Any], seconds: float, step: float | None = Non
                             by_key[k] = [x]
                         else:
                             members.append(x)
+                    if tok is not None:
+                        named.setdefault((j, k), []).append(tok)
                 else:
                     late(x, ts, watermark)
+                    drop(tok)
             else:
                 j = _last_index(ts, step)
                 added = False
@@ -411,10 +530,15 @@ def _time_windows(items: Iterable[Any], seconds: float, step: float | None = Non
                             by_key[k] = [x]
                         else:
                             members.append(x)
+                        if tok is not None:
+                            named.setdefault((j, k), []).append(tok)
+                            if not added:  # the newest window holding it closes last
+                                finals.setdefault((j, k), []).append(tok)
                         added = True
                     j -= 1
                 if not added:
                     late(x, ts, watermark)
+                    drop(tok)
             if timestamp is not None and ts - lateness > watermark:
                 watermark = ts - lateness
                 if heap and heap[0] * step + size <= watermark:
@@ -427,13 +551,15 @@ def _time_windows(items: Iterable[Any], seconds: float, step: float | None = Non
 # -- session windows --------------------------------------------------------------------
 
 class _Session:
-    __slots__ = ("alive", "end", "items", "key", "merged", "start")
+    __slots__ = ("alive", "end", "items", "key", "merged", "start", "tokens")
 
-    def __init__(self, key: Any, start: float, end: float, items: list[Any]) -> None:
+    def __init__(self, key: Any, start: float, end: float, items: list[Any],
+                 tokens: list[Any] | None) -> None:
         self.key = key
         self.start = start
         self.end = end
         self.items = items  # (arrival number, item) pairs
+        self.tokens = tokens  # None while no item of it is tracked
         self.alive = True
         self.merged = False
 
@@ -443,16 +569,29 @@ def _session_windows(items: Iterable[Any], gap: float,
                      key: Callable[[Any], Any] | None = None,
                      agg: Callable[[list[Any]], Any] | None = None, on_late: Any = "drop",
                      clock: Callable[[], float] | None = None,
-                     name: str = "session", on_error: Any = "raise") -> Iterator[Window]:
+                     name: str = "session", on_error: Any = "raise", ctx: Any = None,
+                     release: Callable[[Iterable[Any]], None] | None = None
+                     ) -> Iterator[Any]:
+    fail = _Errors(name, on_error, ctx)
+    late = _Late(name, on_late, lateness, ctx)
+    if release is None:  # called directly
+        return _direct(_session_core(_paired(items, timestamp is None), gap, timestamp,
+                                     lateness, key, agg, clock, fail, late, _release_nothing))
+    return _session_core(items, gap, timestamp, lateness, key, agg, clock, fail, late, release)
+
+
+def _session_core(pairs: Iterable[Any], gap: float, timestamp: Callable[[Any], Any] | None,
+                  lateness: float, key: Callable[[Any], Any] | None,
+                  agg: Callable[[list[Any]], Any] | None, clock: Callable[[], float] | None,
+                  fail: _Errors, late: _Late, release: Callable[[Iterable[Any]], None]
+                  ) -> Iterator[tuple[Any, Any]]:
     now = clock or time.monotonic
-    fail = _Errors(name, on_error)
-    late = _Late(name, on_late, lateness)
     sessions: dict[Any, list[_Session]] = {}   # per key, open sessions
     heap: list[tuple[float, int, _Session]] = []  # (end, seq, session); stale entries skipped
     seq = count()
     watermark = -_INF
 
-    def close(limit: float) -> Iterator[Window]:
+    def close(limit: float) -> Iterator[tuple[Any, Any]]:
         while heap and heap[0][0] <= limit:
             end, _, s = heapq.heappop(heap)
             if not s.alive or s.end != end:
@@ -464,18 +603,22 @@ def _session_windows(items: Iterable[Any], gap: float,
                 del sessions[s.key]
             members = sorted(s.items) if s.merged else s.items
             w = _make(agg, fail, s.key, s.start, s.end, [x for _, x in members])
+            toks = s.tokens
             if w is not _SKIP:
-                yield w
+                yield w, toks or _NO_TOKENS
+            if toks:
+                release(toks)
 
     try:
-        for x in items:
-            if x is TICK:
+        for pair in pairs:
+            if pair is TICK:
                 if timestamp is None:
                     t = now()
                     if t > watermark:
                         watermark = t
                     yield from close(t)
                 continue
+            x, tok = pair
             if timestamp is None:
                 ts = now()
                 if ts > watermark:
@@ -486,9 +629,13 @@ def _session_windows(items: Iterable[Any], gap: float,
                     ts = _as_time(timestamp(x))
                 except Exception as exc:
                     fail(x, exc)
+                    if tok is not None:
+                        release((tok,))
                     continue
             k = None if key is None else _key_of(key, fail, x)
             if k is _SKIP:
+                if tok is not None:
+                    release((tok,))
                 continue
             n = next(seq)
             open_ = sessions.get(k)
@@ -496,8 +643,10 @@ def _session_windows(items: Iterable[Any], gap: float,
             if not joined:
                 if ts + gap <= watermark:
                     late(x, ts, watermark)
+                    if tok is not None:
+                        release((tok,))
                 else:
-                    s = _Session(k, ts, ts + gap, [(n, x)])
+                    s = _Session(k, ts, ts + gap, [(n, x)], None if tok is None else [tok])
                     sessions.setdefault(k, []).append(s)
                     heapq.heappush(heap, (s.end, n, s))
             else:
@@ -507,10 +656,20 @@ def _session_windows(items: Iterable[Any], gap: float,
                         s.start = min(s.start, other.start)
                         s.end = max(s.end, other.end)
                         s.items.extend(other.items)
+                        if other.tokens:
+                            if s.tokens is None:
+                                s.tokens = other.tokens
+                            else:
+                                s.tokens.extend(other.tokens)
                         other.alive = False
                         open_.remove(other)  # type: ignore[union-attr]
                     s.merged = True
                 s.items.append((n, x))
+                if tok is not None:
+                    if s.tokens is None:
+                        s.tokens = [tok]
+                    else:
+                        s.tokens.append(tok)
                 s.start = min(s.start, ts)
                 if ts + gap > s.end or len(joined) > 1:
                     s.end = max(s.end, ts + gap)
@@ -554,7 +713,9 @@ def _window(op: str, *, size: Any, step: Any, seconds: Any, timestamp: Any, late
                                  f"would skip items), got step={step}, size={size}")
         kwargs = {"size": size, "step": step, "key": key, "agg": agg,
                   **_policy_kwargs(opts, op)}
-        return _stage(_count_windows, opts, kwargs)
+        if key is None and (step is None or step == size):
+            return _stage(_chunks, opts, kwargs)
+        return _stage(_count_windows, opts, kwargs, explicit=True)
     _check_seconds("seconds", op, seconds)
     if step is not None:
         _check_seconds("step", op, step)
@@ -588,13 +749,14 @@ def _timed(op: str, fn: Callable[..., Any], opts: dict[str, Any], kwargs: dict[s
         _check_no_lateness(op, lateness, on_late,
                            "in processing time an item's time is when it arrives")
         _check_callable("clock", op, clock)
-        return _stage(fn, opts, {**kwargs, "clock": clock}, tick=_tick_for(shortest))
+        return _stage(fn, opts, {**kwargs, "clock": clock}, tick=_tick_for(shortest),
+                      explicit=True)
     if clock is not None:
         raise ValueError(f"{op}: clock= applies to processing-time windows; with timestamp= "
                          "the time comes from the items, so drop clock")
     _check_seconds("lateness", op, lateness, zero_ok=True)
     return _stage(fn, opts, {**kwargs, "timestamp": timestamp, "lateness": lateness,
-                                 "on_late": on_late})
+                             "on_late": on_late}, explicit=True)
 
 
 def tumbling(size: int | None = None, *, seconds: float | None = None,

@@ -409,6 +409,85 @@ def test_rate_limit_in_a_pipeline_with_a_virtual_clock():
     assert clock.sleep_calls == [0.25] * 3
 
 
+def test_rate_limit_wait_is_interrupted_by_a_stop_without_drain():
+    """A wait of about 11 days: stop(drain=False) ends it at once (a stage still
+    sleeping after the grace period would be named in a RuntimeWarning, an error here)."""
+    waiting = threading.Event()
+    reads = []
+
+    def clock():  # the second read is for item 1, which must then wait 1e6 s
+        reads.append(0.0)
+        if len(reads) == 2:
+            waiting.set()
+        return 0.0
+
+    closed = threading.Event()
+    out = []
+    run = (endless_source(closed) | ns.rate_limit(1e-6, clock=clock)
+           | ns.sink(out.append)).start()
+    assert waiting.wait(10)
+    run.stop(drain=False)
+    assert not run.running
+    assert run.join(0) is True  # stopped, not failed
+    assert closed.wait(10)
+    assert out in ([], [0])
+    assert len(reads) == 2  # it never woke up to read the clock again
+
+
+def test_rate_limit_passes_on_what_is_ready_before_it_waits():
+    """Outputs are buffered inside the stage; a wait flushes them first."""
+    got_first = threading.Event()
+    release = threading.Event()
+    out = []
+
+    def sleep(seconds):  # the wait for item 1: item 0 must already be downstream
+        assert got_first.wait(10), "item 0 was held back during the wait"
+        release.set()
+
+    def collect(x):
+        out.append(x)
+        got_first.set()
+
+    (range(2) | ns.rate_limit(1, clock=lambda: 0.0, sleep=sleep) | ns.sink(collect)).run()
+    assert release.is_set()
+    assert out == [0, 1]
+
+
+# -- the effective name and on_error (with_options) -------------------------------------------
+
+def test_with_options_name_shows_in_the_stage_error():
+    stage = ns.scan(add, 0).with_options(name="total")
+    with pytest.raises(ns.StageError, match="stage 'total' failed on item 'x'") as ei:
+        ([1, "x"] | stage | ns.sink(lambda x: None)).run()
+    assert ei.value.stage == "total"
+    assert ei.value.item == "x"
+    assert isinstance(ei.value.__cause__, TypeError)
+    with pytest.raises(ns.StageError, match="stage 'first' failed on item 'a'"):
+        list([1, "a"] | ns.take_while(lambda x: x < 3).with_options(name="first"))
+
+
+@pytest.mark.parametrize(("make", "name"), [
+    (lambda: ns.scan(add, 0), "scan"),
+    (lambda: ns.stateful_map(lambda s, x: (x, x + 1)), "stateful_map"),
+    (lambda: ns.reduce(add, 0), "reduce"),
+    (lambda: ns.distinct(key=lambda x: x + 0), "distinct"),
+    (lambda: ns.take_while(lambda x: x + 1 < 100), "take_while"),
+])
+def test_skipped_items_are_counted_in_the_report(make, name):
+    report = ([1, "x", 2, "y", 3] | make().with_options(on_error="skip", name=name)
+              | ns.sink(lambda x: None)).run()
+    assert report[name].errors == 2
+    assert report.errors == 2
+    assert report[name].items_in == 5
+
+
+def test_with_options_on_error_callable_gets_the_item():
+    bad = []
+    stage = ns.scan(add, 0).with_options(on_error=lambda item, exc: bad.append(item))
+    assert list([1, "x", 2] | stage) == [1, 3]
+    assert bad == ["x"]
+
+
 # -- bad arguments, options, reprs ----------------------------------------------------------------
 
 @pytest.mark.parametrize(("make", "exc", "message"), [

@@ -527,10 +527,6 @@ def test_windows_release_tracked_items_only_after_their_window_is_handled():
     assert sorted(done) == list(range(10))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "needs a core hook: the runtime ties each output of a stream stage to every item "
-    "pulled since the previous output, so window 'a' also covers 'b1', which is then "
-    "acknowledged before window 'b' is handled"))
 def test_keyed_windows_release_items_only_after_their_own_window():
     done, early = [], []
     a_handled = threading.Event()
@@ -550,3 +546,281 @@ def test_keyed_windows_release_items_only_after_their_own_window():
     (tracked() | ns.tumbling(size=2, key=lambda s: s[0]) | ns.sink(store)).run()
     assert sorted(done) == ["a1", "a2", "b1", "b2"]
     assert early == []
+
+
+# -- completion tracking: each item acknowledged after every window holding it --------------
+#
+# The tracked source below sends some items, then waits until a given window has been
+# handled before sending the rest. A sink handles its batch before acknowledging it,
+# so an item acknowledged too early (with an earlier window instead of its own) is
+# seen as acknowledged when its own window reaches the sink.
+
+class Acks:
+    """Acknowledgements of a tracked source, and the sink that checks them."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.done: list = []
+        self.early: list = []
+        self.handled: list = []
+        self.events: dict = {}
+
+    def on_done(self, item):
+        def done():
+            with self.lock:
+                self.done.append(item)
+            self.events.setdefault(item, threading.Event()).set()
+        return done
+
+    def acked(self, item) -> threading.Event:
+        with self.lock:
+            return self.events.setdefault(item, threading.Event())
+
+    def source(self, script):
+        """``script``: items to send, and ``Event``s to wait for (at most 10 s) in between."""
+        @ns.source(track=True, name="tracked")
+        def tracked():
+            for step in script:
+                if isinstance(step, threading.Event):
+                    assert step.wait(10), "timed out in the tracked source"
+                else:
+                    self.acked(step)
+                    yield step, self.on_done(step)
+        return tracked()
+
+    def sink(self, after=None):
+        """Records, per window, its members already acknowledged; calls ``after(w)``."""
+        def store(w):
+            with self.lock:
+                self.early.extend(x for x in w.value if x in self.done)
+                self.handled.append(w)
+            if after is not None:
+                after(w)
+        return ns.sink(store)
+
+
+def test_sliding_count_window_item_is_acknowledged_after_both_its_windows():
+    acks = Acks()
+    first = threading.Event()
+    # sliding(size=2): windows [0, 1] and [1, 2]; item 1 is in both
+    p = (acks.source([0, 1, first, 2]) | ns.sliding(size=2)
+         | acks.sink(lambda w: w.start == 0 and first.set()))
+    p.run()
+    assert [w.value for w in acks.handled] == [[0, 1], [1, 2]]
+    assert acks.early == []
+    assert sorted(acks.done) == [0, 1, 2]
+
+
+def test_keyed_sliding_count_windows_track_per_key():
+    acks = Acks()
+    a_out = threading.Event()
+    p = (acks.source(["a1", "b1", "a2", "b2", "a3", a_out, "b3"])
+         | ns.sliding(size=2, key=lambda s: s[0])
+         | acks.sink(lambda w: w.value == ["a2", "a3"] and a_out.set()))
+    p.run()
+    assert [w.value for w in acks.handled] == [["a1", "a2"], ["b1", "b2"], ["a2", "a3"],
+                                               ["b2", "b3"]]
+    assert acks.early == []
+    assert sorted(acks.done) == ["a1", "a2", "a3", "b1", "b2", "b3"]
+
+
+def test_sliding_event_time_item_is_acknowledged_after_both_its_windows():
+    acks = Acks()
+    first = threading.Event()
+    # windows of 10 every 5: 6 is in [0, 10) and [5, 15); 11 closes [0, 10)
+    p = (acks.source([1, 6, 11, first, 30])
+         | ns.sliding(seconds=10, step=5, timestamp=lambda t: t)
+         | acks.sink(lambda w: w.start == 0 and first.set()))
+    p.run()
+    assert [(w.start, w.value) for w in acks.handled] == [
+        (-5, [1]), (0, [1, 6]), (5, [6, 11]), (10, [11]), (25, [30]), (30, [30])]
+    assert acks.early == []
+    assert sorted(acks.done) == [1, 6, 11, 30]
+
+
+def test_event_time_session_items_are_acknowledged_after_their_own_session():
+    acks = Acks()
+    a_out = threading.Event()
+    # a@6 moves the watermark to 6: session a [0, 5) is out, b [4, 9) still open
+    events = [("a", 0), ("b", 4), ("a", 6), a_out, ("b", 20)]
+    p = (acks.source(events)
+         | ns.session(gap=5, timestamp=lambda e: e[1], key=lambda e: e[0])
+         | acks.sink(lambda w: w.key == "a" and a_out.set()))
+    p.run()
+    assert [(w.key, w.start, w.end) for w in acks.handled] == [
+        ("a", 0, 5), ("b", 4, 9), ("a", 6, 11), ("b", 20, 25)]
+    assert acks.early == []
+    assert len(acks.done) == 4
+
+
+def test_merged_sessions_acknowledge_all_their_items():
+    acks = Acks()
+    # 5 bridges the sessions of 1 and 10: one session of three items
+    p = (acks.source([10, 1, 5, 40])
+         | ns.session(gap=7, timestamp=lambda t: t, lateness=100) | acks.sink())
+    p.run()
+    assert [w.value for w in acks.handled] == [[10, 1, 5], [40]]
+    assert acks.early == []
+    assert sorted(acks.done) == [1, 5, 10, 40]
+
+
+def test_processing_time_keyed_windows_track_per_window():
+    acks = Acks()
+    clock = VirtualClock(1.0)
+    first = threading.Event()
+
+    def at(t):  # a script step that moves the clock (the source runs it in order)
+        class Move(threading.Event):
+            def wait(self, timeout=None):
+                clock.t = t
+                return True
+        return Move()
+
+    timed = threading.Event()
+
+    def key(s):  # called right after the stage read the clock for the item
+        if s == "a1":
+            timed.set()
+        return s[0]
+
+    # "b1" closes window a [0, 10); "c1" comes after window a was handled
+    p = (acks.source(["a1", timed, at(12.0), "b1", first, "c1"])
+         | ns.tumbling(seconds=10, key=key, clock=clock)
+         | acks.sink(lambda w: w.key == "a" and first.set()))
+    p.run()
+    assert [(w.key, w.start, w.value) for w in acks.handled] == [
+        ("a", 0, ["a1"]), ("b", 10, ["b1"]), ("c", 10, ["c1"])]
+    assert acks.early == []
+    assert sorted(acks.done) == ["a1", "b1", "c1"]
+
+
+def test_a_dropped_late_item_is_acknowledged_at_once_and_counted(caplog):
+    acks = Acks()
+    # 12 closes [0, 10), so 2 is late: acknowledged when dropped, before anything else
+    # happens (the source waits for that before sending 25)
+    with caplog.at_level(logging.WARNING, logger="nanostream"):
+        report = (acks.source([1, 12, 2, acks.acked(2), 25])
+                  | ns.tumbling(seconds=10, timestamp=lambda t: t) | acks.sink()).run()
+    assert [w.value for w in acks.handled] == [[1], [12], [25]]
+    assert acks.early == []
+    assert acks.done.index(2) < acks.done.index(12)  # before the window it came after
+    assert sorted(acks.done) == [1, 2, 12, 25]
+    assert "stage 'tumbling' dropped 1 late item(s)" in caplog.text
+    assert report["tumbling"].items_in == 4
+    assert report["tumbling"].errors == 0  # late is not an error
+
+
+def test_a_late_item_given_to_on_late_is_acknowledged_after_the_callback():
+    acks = Acks()
+    late = []
+    stage = ns.session(gap=3, timestamp=lambda t: t,
+                       on_late=lambda x: late.append((x, x in acks.done)))
+    (acks.source([1, 20, 2, acks.acked(2), 30]) | stage | acks.sink()).run()
+    assert late == [(2, False)]
+    assert sorted(acks.done) == [1, 2, 20, 30]
+
+
+def test_an_item_skipped_by_on_error_is_acknowledged_at_once_and_counted():
+    acks = Acks()
+
+    def key(x):
+        if x == 2:
+            raise ValueError("no key")
+        return "k"
+
+    stage = ns.sliding(size=2, key=key, on_error="skip")
+    report = (acks.source([1, 2, acks.acked(2), 3, 4]) | stage | acks.sink()).run()
+    assert [w.value for w in acks.handled] == [[1, 3], [3, 4]]
+    assert report["sliding"].errors == 1
+    assert acks.early == []
+    assert sorted(acks.done) == [1, 2, 3, 4]
+
+
+def by_index(pairs):
+    """Tracked source items for a property test: (index, key, timestamp)."""
+    return [(i, k, t) for i, (k, t) in enumerate(pairs)]
+
+
+TRACKED_SHAPES = {
+    "keyed tumbling count": lambda: ns.tumbling(size=2, key=1),
+    "unkeyed tumbling count": lambda: ns.tumbling(size=3),
+    "keyed sliding count": lambda: ns.sliding(size=3, key=1),
+    "sliding count step 2": lambda: ns.sliding(size=3, step=2),
+    "event-time tumbling": lambda: ns.tumbling(seconds=10, timestamp=2, lateness=3, key=1),
+    "event-time sliding": lambda: ns.sliding(seconds=10, step=4, timestamp=2, lateness=3),
+    "keyed event-time sliding": lambda: ns.sliding(seconds=6, step=2, timestamp=2, key=1),
+    "event-time session": lambda: ns.session(gap=5, timestamp=2, key=1, lateness=4),
+    "agg that fails on some": lambda: ns.tumbling(size=2, key=1, on_error="skip",
+                                                  agg=lambda xs: xs[:1 // (len(xs) - 1) + 1]),
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("ab"), st.integers(0, 40)), max_size=25),
+       st.sampled_from(sorted(TRACKED_SHAPES)))
+def test_tracked_items_are_acknowledged_once_after_every_window_holding_them(events, shape):
+    """Any shape, any input: the same windows as untracked; no item acknowledged
+    before a window holding it is handled; every item acknowledged exactly once."""
+    items = by_index(events)
+    acks = Acks()
+    (acks.source(items) | TRACKED_SHAPES[shape]() | acks.sink()).run()
+    expected = list(TRACKED_SHAPES[shape]()(items))
+    assert acks.handled == expected
+    assert acks.early == []
+    assert sorted(acks.done) == items
+
+
+class MovingClock:
+    """Every read moves the clock by a second."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        self.t += 1.0
+        return self.t
+
+
+@pytest.mark.parametrize(("make", "once"), [
+    (lambda clock: ns.sliding(seconds=7, step=3, clock=clock, key=lambda i: i % 3), False),
+    (lambda clock: ns.tumbling(seconds=5, clock=clock), True),
+    (lambda clock: ns.session(gap=2, clock=clock, key=lambda i: i % 2), True),
+])
+def test_processing_time_windows_with_a_moving_clock_track_every_item(make, once):
+    """Whatever the idle ticks do, every item is acknowledged once, after its windows."""
+    acks = Acks()
+    (acks.source(list(range(40))) | make(MovingClock()) | acks.sink()).run()
+    assert acks.early == []
+    assert sorted(acks.done) == list(range(40))
+    members = [x for w in acks.handled for x in w.value]
+    assert (sorted(members) if once else sorted(set(members))) == list(range(40))
+
+
+# -- the effective name and on_error (with_options) -------------------------------------------
+
+def test_with_options_name_and_on_error_apply_inside_the_window():
+    stage = ns.tumbling(size=2, key=boom).with_options(name="pairs")
+    with pytest.raises(ns.StageError, match="stage 'pairs' failed on item 1") as ei:
+        (ns.from_iterable([1, 2]) | stage | ns.sink(lambda w: None)).run()
+    assert ei.value.stage == "pairs"
+    assert ei.value.item == 1
+    assert isinstance(ei.value.__cause__, ValueError)
+
+    skipping = ns.tumbling(size=2, key=boom).with_options(name="pairs", on_error="skip")
+    report = ([1, 2, 3] | skipping | ns.sink(lambda w: None)).run()
+    assert report["pairs"].errors == 3
+    assert report.errors == 3
+
+    late = ns.tumbling(seconds=10, timestamp=lambda t: t, on_late="raise").with_options(
+        name="minutes")
+    with pytest.raises(ns.StageError, match="stage 'minutes' failed on item 2: ValueError: late"):
+        list([1, 12, 2] | late)
+
+
+def test_agg_errors_are_counted_in_the_report():
+    seen = []
+    stage = ns.sliding(size=2, agg=sum, on_error=lambda w, exc: seen.append(w.value))
+    report = ([1, "x", 2] | stage | ns.sink(lambda w: None)).run()
+    assert seen == [[1, "x"], ["x", 2]]
+    assert report["sliding"].errors == 2
+    assert report["sliding"].items_out == 0
