@@ -120,6 +120,38 @@ def test_fast_source_stays_within_the_queue_bound_of_a_blocked_sink(q):
     assert src.closed.is_set()
 
 
+@pytest.mark.parametrize(("workers", "executor"), [(2, "thread"), (4, "thread"),
+                                                 (2, "async")])
+def test_a_stage_with_workers_keeps_the_source_within_a_bound(workers, executor):
+    q = 4
+    src = Endless()
+    gate = threading.Event()
+    started = threading.Event()
+
+    def blocked(x):
+        started.set()
+        gate.wait(WAIT)
+
+    async def aident(x):
+        return x
+
+    fn = aident if executor == "async" else (lambda x: x)
+    p = src.stage() | transform(fn, name="mid", queue_size=q, workers=workers) | sink(
+        blocked, name="blocked", queue_size=q)
+    run = p.start()
+    try:
+        assert started.wait(WAIT)
+        wait_until(lambda: run.stats()["mid"].queue.waiting_producers >= 1,
+                   "the source to block")
+        # mid's queue (q), at most 4 * workers chunks of <= q items taken from it and
+        # not yet passed on, the sink's batch and queue (q each), the item being put
+        bound = q * (4 * workers + 3) + 1
+        assert q < src.produced <= bound
+    finally:
+        gate.set()
+        run.stop(drain=False)
+
+
 @pytest.mark.parametrize("fuse", [True, False])
 def test_memory_source_is_bounded_by_batches_not_by_its_length(fuse, monkeypatch):
     monkeypatch.setattr(ns.Run, "fuse", fuse)
