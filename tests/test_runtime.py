@@ -1343,3 +1343,26 @@ def test_process_executor_skips_failing_items_in_order():
 
     out = list(range(100) | transform(picky, executor="process", on_error="skip"))
     assert out == [x * 2 for x in range(100) if x % 7 != 3]
+
+
+def test_stop_drain_with_a_timeout_abandons_a_drain_that_does_not_finish():
+    src = Endless()
+    holder: dict = {}
+    seen = []
+    first = threading.Event()
+
+    def slow(x):
+        seen.append(x)
+        first.set()
+        # the work of this sink: it finishes nothing until the run is torn down
+        holder["run"]._abort_event.wait(WAIT)
+
+    run = ns.Run(src.stage() | sink(slow, queue_size=8))
+    holder["run"] = run
+    run.start()
+    assert first.wait(WAIT)
+    run.stop(drain=True, timeout=0.05)
+    assert not run.running
+    assert run.join(0) is True
+    assert src.closed.is_set()
+    assert len(seen) < src.produced  # what was still queued was abandoned
