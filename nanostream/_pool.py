@@ -329,6 +329,8 @@ class AsyncPool:
         self._spec = spec
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
+        self._stop_lock = threading.Lock()
+        self._stopped = False
         self._thread = threading.Thread(target=self._main, name=f"nanostream:{name}:loop",
                                         daemon=True)
         self._thread.start()
@@ -359,7 +361,14 @@ class AsyncPool:
             raise
 
     def shutdown(self, abort: bool) -> None:
-        """Stop the loop; does not wait (it is called while a run aborts)."""
+        """Stop the loop, once; does not wait (it is called while a run aborts).
+
+        A second stop would land while the loop cancels its tasks and break that.
+        """
+        with self._stop_lock:
+            if self._stopped:
+                return
+            self._stopped = True
         if not self._loop.is_closed():
             try:
                 self._loop.call_soon_threadsafe(self._loop.stop)
