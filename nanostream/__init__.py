@@ -18,10 +18,6 @@ from ._graph import Pipeline, from_iterable, merge
 from ._report import Report, StageStats
 from ._runtime import Run, running, stop_all
 from ._stage import Stage, sink, source, transform
-from . import compat as _compat
-from . import files as _files
-from . import operators as _operators
-from . import sql as _sql
 from .compat import *  # noqa: F403
 from .files import *  # noqa: F403
 from .operators import *  # noqa: F403
@@ -29,22 +25,20 @@ from .sql import *  # noqa: F403
 
 __version__ = "0.1.0"
 
-_CORE = [
-    "ChannelStats",
-    "Pipeline",
-    "PipelineError",
-    "Report",
-    "Run",
-    "Stage",
-    "StageError",
-    "StageStats",
-    "from_iterable",
-    "merge",
-    "running",
-    "sink",
-    "source",
-    "stop_all",
-    "transform",
+__all__ = [
+    # the DSL and the graph
+    "source", "transform", "sink", "Stage", "Pipeline", "from_iterable", "merge",
+    # running
+    "Run", "Report", "StageStats", "ChannelStats", "running", "stop_all",
+    # errors
+    "PipelineError", "StageError",
+    # operators (operators.py) and windows (windows.py)
+    "filter", "flat_map", "filter_map", "flatten", "tap", "batch", "scan", "stateful_map",
+    "reduce", "take", "take_while", "skip", "distinct", "rate_limit",
+    "tumbling", "sliding", "session", "Window",
+    # files (files.py) and databases (sql.py)
+    "read_lines", "read_jsonl", "read_csv", "write_lines", "write_jsonl", "write_csv",
+    "sql_source", "sql_sink",
+    # the original alpha's class API (compat.py)
+    "NanoStreamSender", "NanoStreamListener", "NanoStreamProcessor", "NanoStreamGraph",
 ]
-
-__all__ = sorted({*_CORE, *_operators.__all__, *_files.__all__, *_sql.__all__, *_compat.__all__})
