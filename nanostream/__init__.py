@@ -18,10 +18,29 @@ from ._graph import Pipeline, from_iterable, merge
 from ._report import Report, StageStats
 from ._runtime import Run, running, stop_all
 from ._stage import Stage, sink, source, transform
-from .compat import *  # noqa: F403
-from .files import *  # noqa: F403
-from .operators import *  # noqa: F403
-from .sql import *  # noqa: F403
+from .compat import NanoStreamGraph, NanoStreamListener, NanoStreamProcessor, NanoStreamSender
+from .files import read_csv, read_jsonl, read_lines, write_csv, write_jsonl, write_lines
+from .operators import (
+    Window,
+    batch,
+    distinct,
+    filter,
+    filter_map,
+    flat_map,
+    flatten,
+    rate_limit,
+    reduce,
+    scan,
+    session,
+    skip,
+    sliding,
+    stateful_map,
+    take,
+    take_while,
+    tap,
+    tumbling,
+)
+from .sql import sql_sink, sql_source
 
 __version__ = "0.1.0"
 
