@@ -1,0 +1,1491 @@
+"""Kafka in and out, at least once: :func:`kafka_source` and :func:`kafka_sink`.
+
+``kafka_source`` reads one topic, a list of topics or a pattern, in a consumer group
+or from partitions you assign; ``kafka_sink`` produces each item to a topic. With a
+``group_id``, offsets are committed only once every message up to them has been fully
+handled (reached every sink, was filtered out, or was skipped), so a crash, an
+exception or a kill re-delivers what was not finished and never loses a message. A
+``kafka_sink`` counts an item as handled only when the broker has acknowledged it,
+so Kafka -> Kafka is at least once end to end. The guarantees, in plain words, are
+in ``docs/kafka.md``.
+
+Two clients: kafka-python (pure Python, the default) and confluent-kafka
+(``client="confluent"``, ``pip install 'nanostream[confluent]'``, several times
+faster), with the same behaviour. Extra keyword options go to the client unchanged
+(TLS and SASL settings included); for confluent-kafka, kafka-python style names such
+as ``session_timeout_ms`` or ``ssl_cafile`` are translated to librdkafka's
+(``session.timeout.ms``, ``ssl.ca.location``), and dotted names pass as they are
+(``**{"fetch.wait.max.ms": 100}``). The clients are imported only when a stage is
+built, never by ``import nanostream.kafka``.
+
+>>> src = kafka_source("orders", bootstrap_servers="kafka:9092", group_id="etl")
+>>> src
+<source 'kafka_source'(KafkaSource('orders', group_id='etl'))>
+>>> kafka_sink("orders-clean", bootstrap_servers="kafka:9092", key=lambda o: o["id"])
+<sink 'kafka_sink'(spec=KafkaSink('orders-clean'...)) stream=True>
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import json
+import logging
+import re
+import socket
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, NamedTuple
+
+from . import _io
+from ._errors import StageError
+from ._runtime import TICK, _noop
+from ._stage import DEFAULTS, SINK, SOURCE, Stage, repr_short
+
+__all__ = ["KafkaRecord", "kafka_sink", "kafka_source"]
+
+log = logging.getLogger("nanostream.kafka")
+
+CLIENTS = ("kafka-python", "confluent")
+POLL_SECONDS = 0.1      # longest a poll blocks: how soon an idle source notices run.stop()
+PROBE_EVERY = 1.0       # seconds between connection checks of an idle source
+CLOSE_SECONDS = 3.0     # bound on the final commit and close after the run (an abort's
+                        # grace period is 5 s)
+TICK_EVERY = 0.1        # an idle sink looks at delivery reports this often
+POLL_RECORDS = 1000     # most messages one poll returns (option max_poll_records): about a
+                        # queue's worth; a poll's messages must leave within max_poll_interval
+CHUNK = 100             # messages tracked together: their offsets are committed once all
+                        # of them are handled (fewer tracker calls; re-delivery stays small)
+
+_SECRET = re.compile(r"password|secret|token|sasl\.oauthbearer\.config|jaas", re.I)
+
+
+# -- records and codecs --------------------------------------------------------------------
+
+class KafkaRecord(NamedTuple):
+    """A message with its metadata, as ``kafka_source(..., with_metadata=True)`` yields it.
+
+    ``key`` and ``value`` are deserialized; ``headers`` is a list of ``(str, bytes)``
+    pairs; ``timestamp`` is in milliseconds since the epoch (``None`` if the broker
+    gave none).
+
+    >>> r = KafkaRecord("orders", 0, 42, b"k1", {"id": 1}, [], 1700000000000)
+    >>> r.topic, r.offset, r.value
+    ('orders', 42, {'id': 1})
+    """
+
+    topic: str
+    partition: int
+    offset: int
+    key: Any
+    value: Any
+    headers: list[tuple[str, bytes]]
+    timestamp: int | None
+
+
+def _json_loads(data: bytes) -> Any:
+    return json.loads(data)
+
+
+_json_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def _json_dumps(x: Any) -> bytes:
+    return _json_encode(x).encode()
+
+
+def _to_text_bytes(x: Any) -> bytes:
+    if type(x) is str:
+        return x.encode()
+    if isinstance(x, (bytes, bytearray, memoryview)):
+        return bytes(x)
+    return str(x).encode()
+
+
+def _to_bytes(x: Any) -> bytes:
+    if isinstance(x, (bytes, bytearray, memoryview)):
+        return x if type(x) is bytes else bytes(x)
+    raise TypeError(f"the 'bytes' serializer needs bytes, got {type(x).__name__}; use "
+                    "'json', 'str' or a function")
+
+
+_UNPICKLE = ("pickle", "cloudpickle", "dill", "marshal")
+
+
+def _deserializer(fn: str, what: str, spec: Any) -> Callable[[bytes], Any] | None:
+    """The function decoding a message's bytes (``None``: keep the bytes)."""
+    if spec == "bytes":
+        return None
+    if spec == "json":
+        return _json_loads
+    if spec == "str":
+        return bytes.decode
+    if isinstance(spec, str) and spec in _UNPICKLE:
+        raise ValueError(f"{fn}: {what}={spec!r} is refused: unpickling data from a broker "
+                         "runs whatever code its producer chose. If you trust every "
+                         "producer, pass the function yourself (e.g. pickle.loads)")
+    if callable(spec):
+        return spec  # type: ignore[no-any-return]
+    raise ValueError(f"{fn}: {what} must be 'json', 'str', 'bytes' or a function of the "
+                     f"message bytes, got {spec!r}")
+
+
+def _serializer(fn: str, what: str, spec: Any) -> Callable[[Any], bytes]:
+    if spec == "json":
+        return _json_dumps
+    if spec == "str":
+        return _to_text_bytes
+    if spec == "bytes":
+        return _to_bytes
+    if isinstance(spec, str) and spec in _UNPICKLE:
+        raise ValueError(f"{fn}: {what}={spec!r} is not built in (its consumers would have "
+                         "to unpickle broker data); pass a function if you must")
+    if callable(spec):
+        return spec  # type: ignore[no-any-return]
+    raise ValueError(f"{fn}: {what} must be 'json', 'str', 'bytes' or a function returning "
+                     f"bytes, got {spec!r}")
+
+
+# -- options ---------------------------------------------------------------------------
+
+_kafka_module: Any = None
+
+
+def _kafka() -> Any:
+    """kafka-python, imported on first use (it warns DeprecationWarning while importing
+    on Python 3.11+, about its own use of importlib.resources)."""
+    global _kafka_module
+    if _kafka_module is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import kafka
+        _kafka_module = kafka
+    return _kafka_module
+
+
+def _connect_errors(kafka: Any) -> tuple[type[BaseException], ...]:
+    """kafka-python's exceptions for a broker it cannot reach (names vary by version)."""
+    names = ("KafkaTimeoutError", "KafkaConnectionError", "NoBrokersAvailable")
+    return tuple(getattr(kafka.errors, n) for n in names if hasattr(kafka.errors, n))
+
+
+def _confluent(fn: str) -> Any:
+    try:
+        import confluent_kafka
+    except ImportError:
+        raise ImportError(f"{fn}: client='confluent' needs confluent-kafka; install it with "
+                          "pip install 'nanostream[confluent]' (or use the default "
+                          "client='kafka-python')") from None
+    return confluent_kafka
+
+
+def _split_options(fn: str, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Stage options (``name``, ``queue_size``, ``on_error``) and client options."""
+    stage = {k: options.pop(k) for k in list(options) if k in _io.STAGE_OPTIONS}
+    for key in options:
+        if key in DEFAULTS:
+            raise ValueError(f"{fn}: option {key!r} does not apply (a Kafka connector runs in "
+                             f"one thread; its stage options are "
+                             f"{', '.join(_io.STAGE_OPTIONS)}); parallelise the stages after "
+                             "the source instead")
+    return _io.stage_options(fn, stage), options
+
+
+def _check_client(fn: str, client: Any) -> None:
+    if client not in CLIENTS:
+        raise ValueError(f"{fn}: client must be 'kafka-python' or 'confluent', got {client!r}")
+    if client == "confluent":
+        _confluent(fn)
+
+
+def _check_kafka_python_options(fn: str, options: dict[str, Any], valid: Iterable[str],
+                                ours: dict[str, str]) -> None:
+    valid = set(valid)
+    for key in options:
+        if key in ours:
+            raise TypeError(f"{fn}: pass {ours[key]} instead of the client option {key!r}")
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TypeError(f"{fn}() got an unexpected keyword argument {key!r}{hint} (not a "
+                            "nanostream option, nor a kafka-python client option)")
+
+
+# kafka-python names whose librdkafka name is not just the dotted form
+_CONFLUENT_NAMES = {
+    "ssl_cafile": "ssl.ca.location",
+    "ssl_certfile": "ssl.certificate.location",
+    "ssl_keyfile": "ssl.key.location",
+    "ssl_password": "ssl.key.password",
+    "ssl_crlfile": "ssl.crl.location",
+    "ssl_ciphers": "ssl.cipher.suites",
+    "sasl_plain_username": "sasl.username",
+    "sasl_plain_password": "sasl.password",
+    "sasl_kerberos_service_name": "sasl.kerberos.service.name",
+    "fetch_max_wait_ms": "fetch.wait.max.ms",
+    "max_in_flight_requests_per_connection": "max.in.flight.requests.per.connection",
+    "delivery_timeout_ms": "message.timeout.ms",
+}
+
+
+def _confluent_config(fn: str, options: dict[str, Any], ours: dict[str, str]) -> dict[str, Any]:
+    """librdkafka properties from keyword options (see the module docstring)."""
+    config: dict[str, Any] = {}
+    for key, value in options.items():
+        if key in ours or key.replace(".", "_") in ours:
+            raise TypeError(f"{fn}: pass {ours.get(key) or ours[key.replace('.', '_')]} "
+                            f"instead of the client option {key!r}")
+        if key == "ssl_check_hostname":
+            config["ssl.endpoint.identification.algorithm"] = "https" if value else "none"
+        elif key in _CONFLUENT_NAMES:
+            config[_CONFLUENT_NAMES[key]] = value
+        else:
+            config[key.replace("_", ".")] = value
+    return config
+
+
+def _show_options(options: dict[str, Any]) -> str:
+    return "".join(f", {k}={'***' if _SECRET.search(k) else repr_short(v)}"
+                   for k, v in options.items())
+
+
+def _addresses(bootstrap: Any) -> list[tuple[str, int]]:
+    servers = bootstrap.split(",") if isinstance(bootstrap, str) else list(bootstrap)
+    out = []
+    for s in servers:
+        host, sep, port = str(s).strip().rpartition(":")
+        if not sep or not port.isdigit():
+            return []  # not host:port (e.g. a DNS alias the client resolves): no pre-check
+        out.append((host.strip("[]") or "localhost", int(port)))
+    return out
+
+
+def _wait_reachable(fn: str, bootstrap: Any, timeout: float) -> None:
+    """Fail clearly when no bootstrap server accepts a TCP connection within ``timeout``.
+
+    Done before kafka-python connects: a refused connection makes it retry for its own
+    (long) timeouts and leak sockets.
+    """
+    addresses = _addresses(bootstrap)
+    if not addresses:
+        return
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while True:
+        for address in addresses:
+            try:
+                socket.create_connection(address, timeout=max(0.1, min(
+                    1.0, deadline - time.monotonic()))).close()
+                return
+            except OSError as exc:
+                last = exc
+        if time.monotonic() >= deadline:
+            raise _unreachable(fn, bootstrap, timeout, last)
+        time.sleep(0.05)
+
+
+def _unreachable(fn: str, bootstrap: Any, timeout: float, exc: Any) -> ConnectionError:
+    return ConnectionError(f"{fn}: cannot reach the Kafka broker at {bootstrap} within "
+                           f"{timeout:g} s (connect_timeout): {exc}. Is it running, and is "
+                           "bootstrap_servers right?")
+
+
+def _check_seconds(fn: str, name: str, value: Any, allow_none: bool = False) -> None:
+    _io.check_number(fn, name, value, allow_none=allow_none)
+
+
+# -- the source --------------------------------------------------------------------------
+
+class _SourceSpec:
+    """Everything a run of a kafka_source needs (picklable, secrets masked in its repr)."""
+
+    def __init__(self, **fields: Any) -> None:
+        self.__dict__.update(fields)
+
+    def __repr__(self) -> str:
+        what = (repr(self.topics[0]) if len(self.topics) == 1 and not self.pattern
+                else f"pattern={self.pattern!r}" if self.pattern else repr(list(self.topics)))
+        extra = ""
+        if self.partitions is not None:
+            extra += f", partitions={self.partitions!r}"
+        if self.group_id is not None:
+            extra += f", group_id={self.group_id!r}"
+        if self.client != "kafka-python":
+            extra += f", client={self.client!r}"
+        return f"KafkaSource({what}{extra}{_show_options(self.options)})"
+
+
+_SOURCE_OURS = {"group_id": "group_id=", "group.id": "group_id=",
+                "bootstrap_servers": "bootstrap_servers=",
+                "bootstrap.servers": "bootstrap_servers=",
+                "value_deserializer": "value_deserializer=",
+                "key_deserializer": "key_deserializer="}
+
+
+def kafka_source(topics: str | Iterable[str] | re.Pattern[str] | None = None, *,
+                 bootstrap_servers: str | list[str] = "localhost:9092",
+                 group_id: str | None = None, pattern: str | None = None,
+                 partitions: Iterable[int] | Iterable[tuple[str, int]] | None = None,
+                 value_deserializer: Any = "json", key_deserializer: Any = "bytes",
+                 with_metadata: bool = False, client: str = "kafka-python",
+                 commit_interval: float = 5.0, stop_at_end: bool = False,
+                 connect_timeout: float = 15.0, reconnect_timeout: float | None = 60.0,
+                 **options: Any) -> Stage:
+    """A source of Kafka messages: their deserialized values, or :class:`KafkaRecord`
+    objects with ``with_metadata=True``.
+
+    * What to read: ``topics`` (one name or a list), or ``pattern`` (a regular
+      expression; a compiled ``re.Pattern`` as ``topics`` works too). With a
+      ``group_id`` the partitions are shared with the other members of the group;
+      ``partitions=[0, 2]`` (one topic) or ``[("orders", 0), ("refunds", 1)]`` assigns
+      them by hand instead (with a ``group_id`` still used for offsets).
+    * At least once: with a ``group_id``, the offset committed for a partition is the
+      one after the highest message such that it and every earlier one were fully
+      handled downstream (every sink done, filtered out, or skipped), whatever the
+      fan-out, batching or out-of-order ``workers``. Commits happen every
+      ``commit_interval`` seconds, when partitions are revoked, and once the run has
+      ended (also after a failure). Messages not yet handled are re-delivered after a
+      crash or a restart. Without a ``group_id`` nothing is committed and nothing is
+      tracked (no cost).
+    * Where to start without a committed offset: the client's ``auto_offset_reset``
+      (``"latest"`` by default in both clients; pass ``auto_offset_reset="earliest"``).
+    * ``stop_at_end=True``: read each assigned partition up to the end it had when the
+      source started reading it, then end the stream (tests, backfills).
+    * Deserializers: ``"json"`` (default for values), ``"str"`` (UTF-8), ``"bytes"``
+      (default for keys) or a function of the bytes. Data from a broker is never
+      unpickled by default. A message that cannot be decoded fails the run with a
+      ``StageError`` naming its topic, partition and offset, or is skipped (and counts
+      as handled) with ``on_error="skip"``.
+    * ``connect_timeout``: seconds to reach the broker at start before failing with a
+      clear error; ``reconnect_timeout``: seconds the broker may be unreachable
+      mid-stream (the client reconnects with backoff meanwhile) before the run fails
+      (``None``: wait forever).
+    * ``client="kafka-python"`` (default) or ``"confluent"``. Other keyword options
+      go to the client (e.g. ``auto_offset_reset``, ``session_timeout_ms``,
+      ``security_protocol="SASL_SSL"``, ``sasl_mechanism``, ``ssl_cafile``).
+    * Stage options: ``name``, ``queue_size``, ``on_error``.
+
+    The consumer is closed when the run ends, is stopped or fails, so its partitions
+    go to the other members of the group at once.
+
+    >>> kafka_source(pattern="orders-.*", group_id="etl", auto_offset_reset="earliest")
+    <source 'kafka_source'(KafkaSource(pattern='orders-.*'...))>
+    """
+    fn = "kafka_source"
+    stage_options, client_options = _split_options(fn, options)
+    _check_client(fn, client)
+    if isinstance(topics, re.Pattern):
+        if pattern is not None:
+            raise TypeError(f"{fn}: give a pattern either as topics or as pattern=, not both")
+        topics, pattern = None, topics.pattern
+    if isinstance(topics, str):
+        names: tuple[str, ...] = (topics,)
+    elif topics is None:
+        names = ()
+    else:
+        if isinstance(topics, (bytes, Mapping)) or not isinstance(topics, Iterable):
+            raise TypeError(f"{fn}: topics must be a topic name, a list of names or a "
+                            f"compiled pattern, got {type(topics).__name__}")
+        names = tuple(topics)
+    for t in names:
+        if not isinstance(t, str) or not t:
+            raise TypeError(f"{fn}: topic names must be non-empty strings, got {t!r}")
+    if pattern is not None:
+        if names:
+            raise TypeError(f"{fn}: give topics or pattern, not both")
+        if not isinstance(pattern, str):
+            raise TypeError(f"{fn}: pattern must be a regular expression string, got "
+                            f"{type(pattern).__name__}")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"{fn}: pattern {pattern!r} is not a valid regular expression: "
+                             f"{exc}") from None
+    elif not names:
+        raise TypeError(f"{fn}: say what to read: a topic, a list of topics, or pattern=")
+    assigned = _check_partitions(fn, names, pattern, partitions)
+    if group_id is not None and (not isinstance(group_id, str) or not group_id):
+        raise TypeError(f"{fn}: group_id must be a non-empty string, got {group_id!r}")
+    if group_id is None and pattern is not None:
+        raise ValueError(f"{fn}: a pattern subscription needs a group_id (the group assigns "
+                         "the matching topics' partitions)")
+    if group_id is None and assigned is None:
+        pass  # every partition of the topics, assigned by hand, nothing committed
+    vdec = _deserializer(fn, "value_deserializer", value_deserializer)
+    kdec = _deserializer(fn, "key_deserializer", key_deserializer)
+    _io.check_flag(fn, "with_metadata", with_metadata)
+    _io.check_flag(fn, "stop_at_end", stop_at_end)
+    _check_seconds(fn, "commit_interval", commit_interval)
+    _check_seconds(fn, "connect_timeout", connect_timeout)
+    _check_seconds(fn, "reconnect_timeout", reconnect_timeout, allow_none=True)
+    if client_options.get("enable_auto_commit") or client_options.get("enable.auto.commit"):
+        raise ValueError(f"{fn}: enable_auto_commit=True would commit offsets before the "
+                         "messages are handled; nanostream commits offsets itself, after")
+    client_options.pop("enable_auto_commit", None)
+    client_options.pop("enable.auto.commit", None)
+    if client == "kafka-python":
+        _check_kafka_python_options(fn, client_options, _kafka().KafkaConsumer.DEFAULT_CONFIG,
+                                    _SOURCE_OURS)
+    else:
+        _confluent_config(fn, client_options, _SOURCE_OURS)
+    spec = _SourceSpec(topics=names, pattern=pattern, partitions=assigned,
+                       bootstrap=bootstrap_servers, group_id=group_id, vdec=vdec, kdec=kdec,
+                       with_metadata=with_metadata, client=client,
+                       commit_interval=float(commit_interval), stop_at_end=stop_at_end,
+                       connect_timeout=float(connect_timeout),
+                       reconnect_timeout=None if reconnect_timeout is None
+                       else float(reconnect_timeout),
+                       options=client_options)
+    return Stage(_kafka_source, SOURCE, {**stage_options, "track": group_id is not None},
+                 args=(spec,), internal={"context": True}, bound=True)
+
+
+def _check_partitions(fn: str, names: tuple[str, ...], pattern: str | None,
+                      partitions: Any) -> list[tuple[str, int]] | None:
+    if partitions is None:
+        return None
+    if pattern is not None:
+        raise ValueError(f"{fn}: partitions= assigns partitions of named topics; it does not "
+                         "go with a pattern")
+    if isinstance(partitions, (str, bytes)) or not isinstance(partitions, Iterable):
+        raise TypeError(f"{fn}: partitions must be a list of partition numbers or of "
+                        f"(topic, partition) pairs, got {partitions!r}")
+    out: list[tuple[str, int]] = []
+    for p in partitions:
+        if isinstance(p, int) and not isinstance(p, bool):
+            if len(names) != 1:
+                raise ValueError(f"{fn}: with several topics, give partitions as (topic, "
+                                 f"partition) pairs, got {p!r}")
+            out.append((names[0], p))
+        elif (isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str)
+              and isinstance(p[1], int) and not isinstance(p[1], bool)):
+            if p[0] not in names:
+                raise ValueError(f"{fn}: partition {p!r} is of a topic not in topics "
+                                 f"{list(names)!r}")
+            out.append(p)
+        else:
+            raise TypeError(f"{fn}: partitions must be partition numbers or (topic, "
+                            f"partition) pairs, got {p!r}")
+        if out[-1][1] < 0:
+            raise ValueError(f"{fn}: partition numbers are >= 0, got {p!r}")
+    if not out:
+        raise ValueError(f"{fn}: partitions is empty")
+    if len(set(out)) != len(out):
+        raise ValueError(f"{fn}: partitions repeats a partition: {partitions!r}")
+    return out
+
+
+def _kafka_source(spec: _SourceSpec, ctx: Any = None) -> Iterator[Any]:
+    """Runs in the source thread: connect, register the final commit and close, read."""
+    reader = (_KafkaPythonReader if spec.client == "kafka-python" else _ConfluentReader)(
+        spec, ctx)
+    ctx.on_run_end(reader.finish)
+    return reader.records()
+
+
+class _Chunk:
+    """Up to ``CHUNK`` consecutive messages of one poll, done when each of them is
+    (then their offsets are).
+
+    Every message of the chunk shares its ``one_done``; the last call marks the
+    chunk's highest offset per partition done in the tracker. ``next()`` of an
+    ``itertools.count`` is one atomic step under the GIL, so concurrent calls from
+    several sink threads count exactly.
+    """
+
+    __slots__ = ("consumed", "lasts", "n", "reader", "taken", "ticks")
+
+    def __init__(self, reader: _Reader, lasts: dict[tuple[str, int], tuple[int, int]],
+                 n: int) -> None:
+        self.reader = reader
+        self.lasts = lasts        # (topic, partition) -> (highest offset, its generation)
+        self.n = n
+        self.ticks = itertools.count(1)
+        self.taken = 0            # when the source stopped inside the chunk: how many of
+        self.consumed: dict[tuple[str, int], int] = {}  # its messages it took, up to where
+
+    def one_done(self) -> None:
+        if next(self.ticks) == self.n:
+            self.reader.chunk_done(self)
+
+    def stopped_after(self, taken: list[tuple[tuple[str, int], int]]) -> None:
+        """The source was closed after taking (emitting or skipping) these messages
+        of the chunk, given as ``(partition key, offset)``: the rest never left."""
+        self.taken = len(taken)
+        self.consumed = dict(taken)
+
+
+class _Reader:
+    """One run of a kafka_source: polls in the source thread, tracks and commits
+    offsets, notices a lost broker, closes the consumer after the run."""
+
+    client_name = ""
+
+    def __init__(self, spec: _SourceSpec, ctx: Any) -> None:
+        self.spec = spec
+        self.ctx = ctx
+        self.name = ctx.name
+        self.tracker: Any = None
+        if spec.group_id is not None:
+            from ._offsets import OffsetTracker
+            self.tracker = OffsetTracker()
+        self.targets: dict[tuple[str, int], int | None] | None = (
+            {} if spec.stop_at_end else None)          # stop_at_end: partition -> end
+        self.partial: _Chunk | None = None   # the chunk the source was stopped in
+        self.down_since: float | None = None
+        self.next_probe = 0.0
+        self.closed = False
+        self.consumer: Any = None
+
+    # assignment ----------------------------------------------------------------------
+
+    def assigned(self, keys: Iterable[tuple[str, int]]) -> None:
+        keys = list(keys)
+        log.info("kafka_source %r: assigned %s", self.name, sorted(keys))
+        if self.targets is not None:
+            for key in keys:
+                self.targets.setdefault(key, None)
+
+    def revoked(self, keys: Iterable[tuple[str, int]], commit: bool = True,
+                lost: bool = False) -> None:
+        """Partitions leave this member: forget their messages in flight (done() for
+        them is ignored from now on) and commit what was done, unless ``commit`` is
+        False or they were ``lost`` (another member may own them already)."""
+        keys = list(keys)
+        log.info("kafka_source %r: %s %s", self.name, "lost" if lost else "revoked",
+                 sorted(keys))
+        if self.targets is not None:
+            for key in keys:
+                self.targets.pop(key, None)
+        if self.tracker is None:
+            return
+        final = self.tracker.revoke(keys)
+        if commit and not lost and final and not self.closed:
+            try:
+                self.commit_positions(final)
+            except Exception as exc:
+                log.warning("kafka_source %r: commit on revocation of %s failed: %r (their "
+                            "messages since the last commit will be re-delivered)",
+                            self.name, keys, exc)
+
+    # tracking and commits --------------------------------------------------------------
+
+    def chunk(self, lasts: dict[tuple[str, int], int], n: int) -> _Chunk:
+        """Track one poll's messages (``lasts``: highest offset per partition)."""
+        track = self.tracker.track
+        return _Chunk(self, {key: (last, track(key[0], key[1], last))
+                             for key, last in lasts.items()}, n)
+
+    def chunk_done(self, chunk: _Chunk) -> None:
+        done = self.tracker.done
+        for (topic, partition), (last, generation) in chunk.lasts.items():
+            done(topic, partition, last, generation)  # a no-op if revoked since
+
+    def commit(self, final: bool = False) -> None:
+        positions = self.tracker.committable()
+        if not positions:
+            return
+        try:
+            self.commit_positions(positions)
+        except Exception as exc:
+            log.warning("kafka_source %r: %scommit failed: %r (messages since the last "
+                        "commit will be re-delivered)", self.name, "final " if final else "",
+                        exc)
+            return
+        self.tracker.mark_committed(positions)
+
+    def commit_positions(self, positions: dict[tuple[str, int], int]) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """After the run (every stage thread done): commit what is done, then close."""
+        if self.closed:
+            return
+        try:
+            if self.tracker is not None and self.down_since is None:
+                self.commit(final=True)
+                self.commit_partial()
+        finally:
+            self.closed = True
+            try:
+                self.close()
+            except Exception:
+                log.exception("kafka_source %r: closing the consumer failed", self.name)
+
+    def commit_partial(self) -> None:
+        """After a stop inside a poll's chunk (the runtime stops a source between two
+        items): commit the messages taken from it once they are all done and nothing
+        else is pending, so a drained stop leaves nothing to re-deliver. Runs after the
+        run, when no done() can come any more."""
+        chunk = self.partial
+        if chunk is None or not chunk.taken:
+            return
+        calls = next(chunk.ticks) - 1   # how many of its messages were done
+        if calls != chunk.taken or self.tracker.in_flight() != len(chunk.lasts):
+            return                      # some are not handled, or an earlier poll is not
+        tracked = set(self.tracker.partitions())
+        positions = {key: last + 1 for key, last in chunk.consumed.items() if key in tracked}
+        if positions:
+            try:
+                self.commit_positions(positions)
+            except Exception as exc:
+                log.warning("kafka_source %r: final commit failed: %r (messages since the "
+                            "last commit will be re-delivered)", self.name, exc)
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    # decoding errors, liveness, stop_at_end ----------------------------------------------
+
+    def bad(self, exc: Exception, raw: Any, topic: str, partition: int, offset: int) -> None:
+        """An undecodable message: raises under on_error="raise", else it is skipped."""
+        self.ctx.item_error(exc, item=raw,
+                            detail=f"topic {topic!r} partition {partition} offset {offset}")
+
+    def idle(self, now: float) -> None:
+        """No messages in the last poll: check the connection now and then."""
+        if now < self.next_probe:
+            return
+        self.next_probe = now + PROBE_EVERY
+        if self.connected():
+            if self.down_since is not None:
+                log.info("kafka_source %r: the broker is back", self.name)
+            self.down_since = None
+            return
+        if self.down_since is None:
+            self.down_since = now
+            log.warning("kafka_source %r: lost the connection to %s; reconnecting", self.name,
+                        self.spec.bootstrap)
+            return
+        limit = self.spec.reconnect_timeout
+        if limit is not None and now - self.down_since > limit:
+            raise ConnectionError(f"kafka_source: lost the Kafka broker at "
+                                  f"{self.spec.bootstrap}: no connection for {limit:g} s "
+                                  "(reconnect_timeout)")
+
+    def connected(self) -> bool:
+        raise NotImplementedError
+
+    def at_end(self) -> bool:
+        """stop_at_end: every assigned partition read up to its end."""
+        targets = self.targets
+        if not targets:
+            return False
+        for key, target in targets.items():
+            if target is None:
+                target = self.highwater(key)
+                if target is None:
+                    return False
+                targets[key] = target
+            pos = self.position(key)
+            if pos is None or pos < target:
+                return False
+        return True
+
+    def highwater(self, key: tuple[str, int]) -> int | None:
+        raise NotImplementedError
+
+    def position(self, key: tuple[str, int]) -> int | None:
+        raise NotImplementedError
+
+    def records(self) -> Iterator[Any]:
+        raise NotImplementedError
+
+
+# -- kafka-python ---------------------------------------------------------------------------
+
+class _KafkaPythonReader(_Reader):
+    def __init__(self, spec: _SourceSpec, ctx: Any) -> None:
+        super().__init__(spec, ctx)
+        kafka = _kafka()
+        self.kafka = kafka
+        config = dict(spec.options)
+        timeout_ms = int(spec.connect_timeout * 1000)
+        config.setdefault("bootstrap_timeout_ms", timeout_ms)
+        config.setdefault("max_poll_records", POLL_RECORDS)
+        if spec.group_id is not None:
+            config["group_id"] = spec.group_id
+        config["enable_auto_commit"] = False
+        _wait_reachable("kafka_source", spec.bootstrap, spec.connect_timeout)
+        try:
+            consumer = kafka.KafkaConsumer(bootstrap_servers=spec.bootstrap, **config)
+        except _connect_errors(kafka) as exc:
+            raise _unreachable("kafka_source", spec.bootstrap, spec.connect_timeout,
+                               exc) from None
+        self.consumer = consumer
+        try:
+            if spec.partitions is not None or spec.group_id is None:
+                keys = spec.partitions or self._all_partitions()
+                consumer.assign([kafka.TopicPartition(t, p) for t, p in keys])
+                self.assigned(keys)
+            else:
+                listener = self._listener()
+                if spec.pattern is not None:
+                    consumer.subscribe(pattern=spec.pattern, listener=listener)
+                else:
+                    consumer.subscribe(list(spec.topics), listener=listener)
+        except BaseException:
+            consumer.close(autocommit=False, timeout_ms=int(CLOSE_SECONDS * 1000))
+            raise
+        self.has_metrics = bool(consumer.config.get("metrics_enabled", True))
+
+    def _all_partitions(self) -> list[tuple[str, int]]:
+        keys = []
+        deadline = time.monotonic() + self.spec.connect_timeout
+        for t in self.spec.topics:
+            while True:
+                found = self.consumer.partitions_for_topic(t)
+                if found:
+                    break
+                if time.monotonic() > deadline:
+                    raise LookupError(f"kafka_source: topic {t!r} does not exist at "
+                                      f"{self.spec.bootstrap} (or has no partitions)")
+                time.sleep(0.05)
+            keys.extend((t, p) for p in sorted(found))
+        return keys
+
+    def _listener(self) -> Any:
+        kafka = self.kafka
+        reader = self
+        consumer = self.consumer
+        base = getattr(kafka, "AsyncConsumerRebalanceListener", None)
+        if base is not None:
+            # kafka-python 3 runs listeners on its IO thread, where only the async commit
+            # can be awaited (a blocking commit there would deadlock)
+            class Listener(base):  # type: ignore[misc, valid-type]
+                async def on_partitions_revoked(self, revoked: Any) -> None:
+                    keys = [(tp.topic, tp.partition) for tp in revoked]
+                    final = reader.tracker.revoke(keys) if reader.tracker is not None else {}
+                    reader.revoked(keys, commit=False)
+                    if final and not reader.closed:
+                        try:
+                            await consumer.commit_async(reader.offsets(final))
+                        except Exception as exc:
+                            log.warning("kafka_source %r: commit on revocation of %s failed: "
+                                        "%r (their messages since the last commit will be "
+                                        "re-delivered)", reader.name, keys, exc)
+
+                async def on_partitions_assigned(self, assigned: Any) -> None:
+                    reader.assigned((tp.topic, tp.partition) for tp in assigned)
+
+                async def on_partitions_lost(self, lost: Any) -> None:
+                    reader.revoked(((tp.topic, tp.partition) for tp in lost), lost=True)
+        else:  # kafka-python 2: listeners run inside poll(), in the source thread
+            class Listener(kafka.ConsumerRebalanceListener):  # type: ignore[no-redef]
+                def on_partitions_revoked(self, revoked: Any) -> None:
+                    reader.revoked((tp.topic, tp.partition) for tp in revoked)
+
+                def on_partitions_assigned(self, assigned: Any) -> None:
+                    reader.assigned((tp.topic, tp.partition) for tp in assigned)
+        return Listener()
+
+    def offsets(self, positions: dict[tuple[str, int], int]) -> dict[Any, Any]:
+        kafka = self.kafka
+        return {kafka.TopicPartition(t, p): kafka.OffsetAndMetadata(off, "", -1)
+                for (t, p), off in positions.items()}
+
+    def commit_positions(self, positions: dict[tuple[str, int], int]) -> None:
+        self.consumer.commit(self.offsets(positions), timeout_ms=int(CLOSE_SECONDS * 1000))
+
+    def close(self) -> None:
+        self.consumer.close(autocommit=False, timeout_ms=int(CLOSE_SECONDS * 1000))
+
+    def connected(self) -> bool:
+        """No connection at all, or no answer to a small request (ListOffsets of one
+        assigned partition, or a metadata request) within half a second."""
+        consumer = self.consumer
+        if self.has_metrics:
+            try:
+                if not consumer.metrics()["consumer-metrics"]["connection-count"]:
+                    return False
+            except (KeyError, TypeError, AttributeError):
+                self.has_metrics = False
+        try:
+            assignment = consumer.assignment()
+            if assignment:
+                consumer.end_offsets([next(iter(assignment))], timeout_ms=500)
+            else:
+                consumer.bootstrap(timeout_ms=500, refresh=True)
+        except _connect_errors(self.kafka):
+            return False
+        except (AttributeError, TypeError):
+            pass  # kafka-python 2 has no bootstrap(): rely on its own timeouts
+        return True
+
+    def highwater(self, key: tuple[str, int]) -> int | None:
+        hw = self.consumer.highwater(self.kafka.TopicPartition(*key))
+        return None if hw is None else int(hw)
+
+    def position(self, key: tuple[str, int]) -> int | None:
+        try:
+            return int(self.consumer.position(self.kafka.TopicPartition(*key), timeout_ms=1000))
+        except Exception:
+            return None
+
+    def records(self) -> Iterator[Any]:
+        spec, ctx = self.spec, self.ctx
+        poll = self.consumer.poll
+        vdec = spec.vdec
+        kdec = spec.kdec
+        meta = spec.with_metadata
+        tracked = self.tracker is not None
+        interval = spec.commit_interval
+        next_commit = time.monotonic() + interval
+        stop_at_end = spec.stop_at_end
+        errors = self.kafka.errors
+        size = CHUNK
+        chunk: Any = None
+        one_done: Callable[[], None] = _noop
+        while not ctx.stopping:
+            try:
+                batch = poll(timeout_ms=int(POLL_SECONDS * 1000))
+            except errors.KafkaError as exc:
+                raise ConnectionError(f"kafka_source: the consumer failed: {exc!r}") from exc
+            now = time.monotonic()
+            if batch:
+                self.down_since = None
+            else:
+                self.idle(now)
+            if tracked and now >= next_commit and self.down_since is None:
+                self.commit()
+                next_commit = now + interval
+            for tp, recs in batch.items():
+                topic, partition = tp.topic, tp.partition
+                for first in range(0, len(recs), size):
+                    part = recs[first:first + size] if len(recs) > size else recs
+                    if tracked:
+                        chunk = self.chunk({(topic, partition): part[-1].offset}, len(part))
+                        one_done = chunk.one_done
+                        now = time.monotonic()   # a big poll may take a while to pass on
+                        if now >= next_commit:
+                            self.commit()
+                            next_commit = now + interval
+                    for r in part:
+                        value = r.value
+                        if vdec is not None and value is not None:
+                            try:
+                                value = vdec(value)
+                            except Exception as exc:
+                                self.bad(exc, value, topic, partition, r.offset)
+                                one_done()
+                                continue
+                        if meta:
+                            key = r.key
+                            if kdec is not None and key is not None:
+                                try:
+                                    key = kdec(key)
+                                except Exception as exc:
+                                    self.bad(exc, key, topic, partition, r.offset)
+                                    one_done()
+                                    continue
+                            ts = r.timestamp
+                            value = KafkaRecord(topic, partition, r.offset, key, value,
+                                                list(r.headers or ()),
+                                                ts if ts is not None and ts >= 0 else None)
+                        if tracked:
+                            try:
+                                yield value, one_done
+                            except GeneratorExit:  # stopped between two messages
+                                self.partial = chunk
+                                chunk.stopped_after([((topic, partition), x.offset)
+                                                     for x in part[:_index(part, r) + 1]])
+                                raise
+                        else:
+                            yield value
+            if stop_at_end and self.at_end():
+                return
+
+
+# -- confluent-kafka -------------------------------------------------------------------------
+
+class _ConfluentReader(_Reader):
+    def __init__(self, spec: _SourceSpec, ctx: Any) -> None:
+        super().__init__(spec, ctx)
+        ck = _confluent("kafka_source")
+        self.ck = ck
+        options = dict(spec.options)
+        self.batch = int(options.pop("max_poll_records", POLL_RECORDS))
+        config = _confluent_config("kafka_source", options, _SOURCE_OURS)
+        config["bootstrap.servers"] = (spec.bootstrap if isinstance(spec.bootstrap, str)
+                                       else ",".join(spec.bootstrap))
+        # confluent-kafka needs a group id even to read assigned partitions; without
+        # one nothing is committed, so a throwaway id leaves no trace on the broker
+        config["group.id"] = spec.group_id or f"nanostream-{uuid.uuid4().hex}"
+        config["enable.auto.commit"] = False
+        if spec.stop_at_end:
+            # an event at each partition's end: the position of a partition read to its
+            # end without a message (empty, or at its committed offset) is otherwise unknown
+            config["enable.partition.eof"] = True
+        self.eofs: dict[tuple[str, int], int] = {}
+        config.setdefault("logger", log)
+        user_error_cb = config.pop("error_cb", None)
+        self.all_down = False
+
+        def error_cb(err: Any) -> None:
+            if err.code() == ck.KafkaError._ALL_BROKERS_DOWN:
+                self.all_down = True
+            if user_error_cb is not None:
+                user_error_cb(err)
+        config["error_cb"] = error_cb
+        try:
+            consumer = ck.Consumer(config)
+        except ck.KafkaException as exc:
+            raise ValueError(f"kafka_source: confluent-kafka refused the configuration: "
+                             f"{exc.args[0].str() if exc.args else exc}") from None
+        self.consumer = consumer
+        try:
+            try:
+                consumer.list_topics(timeout=spec.connect_timeout)
+            except ck.KafkaException as exc:
+                raise _unreachable("kafka_source", spec.bootstrap, spec.connect_timeout,
+                                   exc.args[0].str() if exc.args else exc) from None
+            if spec.partitions is not None or spec.group_id is None:
+                keys = spec.partitions or self._all_partitions()
+                consumer.assign([ck.TopicPartition(t, p) for t, p in keys])
+                self.assigned(keys)
+            else:
+                subs = [("^" + spec.pattern if not spec.pattern.startswith("^")
+                         else spec.pattern)] if spec.pattern is not None else list(spec.topics)
+                consumer.subscribe(subs, on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                   on_lost=self._on_lost)
+        except BaseException:
+            consumer.close()
+            raise
+
+    def _all_partitions(self) -> list[tuple[str, int]]:
+        keys = []
+        deadline = time.monotonic() + self.spec.connect_timeout
+        for t in self.spec.topics:
+            while True:
+                md = self.consumer.list_topics(t, timeout=self.spec.connect_timeout)
+                topic = md.topics.get(t)
+                if topic is not None and topic.error is None and topic.partitions:
+                    break
+                if time.monotonic() > deadline:
+                    raise LookupError(f"kafka_source: topic {t!r} does not exist at "
+                                      f"{self.spec.bootstrap} (or has no partitions)")
+                time.sleep(0.05)
+            keys.extend((t, p) for p in sorted(topic.partitions))
+        return keys
+
+    def _on_assign(self, consumer: Any, partitions: Any) -> None:
+        self.assigned((tp.topic, tp.partition) for tp in partitions)
+
+    def _on_revoke(self, consumer: Any, partitions: Any) -> None:
+        self.revoked((tp.topic, tp.partition) for tp in partitions)
+
+    def _on_lost(self, consumer: Any, partitions: Any) -> None:
+        self.revoked(((tp.topic, tp.partition) for tp in partitions), lost=True)
+
+    def commit_positions(self, positions: dict[tuple[str, int], int]) -> None:
+        ck = self.ck
+        self.consumer.commit(offsets=[ck.TopicPartition(t, p, off)
+                                      for (t, p), off in positions.items()],
+                             asynchronous=False)
+
+    def close(self) -> None:
+        self.consumer.close()
+
+    def connected(self) -> bool:
+        if not self.all_down:
+            return True
+        try:
+            self.consumer.list_topics(timeout=0.5)
+        except self.ck.KafkaException:
+            return False
+        self.all_down = False
+        return True
+
+    def highwater(self, key: tuple[str, int]) -> int | None:
+        _, hi = self.consumer.get_watermark_offsets(self.ck.TopicPartition(*key), cached=True)
+        return None if hi is None or hi < 0 else int(hi)
+
+    def position(self, key: tuple[str, int]) -> int | None:
+        (tp,) = self.consumer.position([self.ck.TopicPartition(*key)])
+        pos = max(tp.offset, self.eofs.get(key, -1))
+        return None if pos < 0 else int(pos)
+
+    def records(self) -> Iterator[Any]:
+        spec, ctx = self.spec, self.ctx
+        ck = self.ck
+        consume = self.consumer.consume
+        batch_size = self.batch
+        vdec = spec.vdec
+        kdec = spec.kdec
+        meta = spec.with_metadata
+        tracked = self.tracker is not None
+        interval = spec.commit_interval
+        next_commit = time.monotonic() + interval
+        stop_at_end = spec.stop_at_end
+        size = CHUNK
+        chunk: Any = None
+        one_done: Callable[[], None] = _noop
+        while not ctx.stopping:
+            try:
+                msgs = consume(num_messages=batch_size, timeout=POLL_SECONDS)
+            except ck.KafkaException as exc:
+                raise ConnectionError(f"kafka_source: the consumer failed: {exc}") from exc
+            now = time.monotonic()
+            if msgs:
+                self.down_since = None
+                msgs = self._errors(msgs)
+            else:
+                self.idle(now)
+            if tracked and now >= next_commit and self.down_since is None:
+                self.commit()
+                next_commit = now + interval
+            for first in range(0, len(msgs), size):
+                part = msgs[first:first + size] if len(msgs) > size else msgs
+                if tracked:
+                    lasts = {}
+                    for m in part:
+                        lasts[(m.topic(), m.partition())] = m.offset()
+                    chunk = self.chunk(lasts, len(part))
+                    one_done = chunk.one_done
+                    now = time.monotonic()   # a big poll may take a while to pass on
+                    if now >= next_commit:
+                        self.commit()
+                        next_commit = now + interval
+                for m in part:
+                    value = m.value()
+                    if vdec is not None and value is not None:
+                        try:
+                            value = vdec(value)
+                        except Exception as exc:
+                            self.bad(exc, value, m.topic(), m.partition(), m.offset())
+                            one_done()
+                            continue
+                    if meta:
+                        key = m.key()
+                        if kdec is not None and key is not None:
+                            try:
+                                key = kdec(key)
+                            except Exception as exc:
+                                self.bad(exc, key, m.topic(), m.partition(), m.offset())
+                                one_done()
+                                continue
+                        kind, ts = m.timestamp()
+                        value = KafkaRecord(m.topic(), m.partition(), m.offset(), key, value,
+                                            list(m.headers() or ()),
+                                            ts if kind != ck.TIMESTAMP_NOT_AVAILABLE else None)
+                    if tracked:
+                        try:
+                            yield value, one_done
+                        except GeneratorExit:  # stopped between two messages
+                            self.partial = chunk
+                            chunk.stopped_after([((x.topic(), x.partition()), x.offset())
+                                                 for x in part[:_index(part, m) + 1]])
+                            raise
+                    else:
+                        yield value
+            if stop_at_end and self.at_end():
+                return
+
+    def _errors(self, msgs: list[Any]) -> list[Any]:
+        """The messages without the error events among them (fatal ones raise)."""
+        if all(m.error() is None for m in msgs):
+            return msgs
+        ck = self.ck
+        out = []
+        for m in msgs:
+            err = m.error()
+            if err is None:
+                out.append(m)
+            elif err.code() == ck.KafkaError._PARTITION_EOF:
+                self.eofs[(m.topic(), m.partition())] = m.offset()
+            elif err.fatal() or err.code() in (ck.KafkaError.TOPIC_AUTHORIZATION_FAILED,
+                                               ck.KafkaError.GROUP_AUTHORIZATION_FAILED,
+                                               ck.KafkaError._SSL,
+                                               ck.KafkaError._AUTHENTICATION):
+                raise ConnectionError(f"kafka_source: the consumer failed: {err.str()}")
+            else:
+                log.warning("kafka_source %r: %s", self.name, err.str())
+        return out
+
+
+# -- the sink --------------------------------------------------------------------------------
+
+class _SinkSpec:
+    def __init__(self, **fields: Any) -> None:
+        self.__dict__.update(fields)
+
+    def __repr__(self) -> str:
+        topic = self.topic if isinstance(self.topic, str) else getattr(
+            self.topic, "__name__", "<function>")
+        extra = f", client={self.client!r}" if self.client != "kafka-python" else ""
+        return f"KafkaSink({topic!r}{extra}{_show_options(self.options)})"
+
+
+_SINK_OURS = {"bootstrap_servers": "bootstrap_servers=", "bootstrap.servers": "bootstrap_servers=",
+              "value_serializer": "value_serializer=", "key_serializer": "key_serializer="}
+
+
+def kafka_sink(topic: str | Callable[[Any], str], *,
+               bootstrap_servers: str | list[str] = "localhost:9092",
+               key: Callable[[Any], Any] | None = None, value_serializer: Any = "json",
+               key_serializer: Any = "str", headers: Any = None,
+               client: str = "kafka-python", max_in_flight: int = 10_000,
+               connect_timeout: float = 15.0, delivery_timeout: float = 60.0,
+               **options: Any) -> Stage:
+    """A sink producing each item to ``topic`` (a name, or a function of the item).
+
+    * ``value_serializer``: ``"json"`` (default), ``"str"`` (UTF-8 text of the item),
+      ``"bytes"`` (the item must be bytes) or a function returning bytes.
+    * ``key``: a function of the item giving the message key (serialized with
+      ``key_serializer``, ``"str"`` by default); ``None`` sends no key.
+    * ``headers``: a list of ``(name, value)`` pairs or a dict (values str or bytes),
+      or a function of the item returning one.
+    * At least once: an item counts as handled only once the broker acknowledged it,
+      so a ``kafka_source`` upstream commits its offset only then. At most
+      ``max_in_flight`` messages await acknowledgement at once.
+    * Errors: an item that cannot be serialized fails the run with a ``StageError``
+      (or is skipped with ``on_error="skip"``); a message the broker does not take
+      within ``delivery_timeout`` seconds (the client retries meanwhile, e.g. while the
+      broker is away) always fails the run with a ``StageError`` naming the item.
+    * Sent messages are flushed at the end of the stream and when the run is stopped;
+      the producer is closed at the end, on stop and on failure.
+    * ``client``, ``connect_timeout`` and other keyword options: as for
+      :func:`kafka_source` (e.g. ``acks="all"``, ``linger_ms=5``,
+      ``compression_type="gzip"``). Stage options: ``name``, ``queue_size``,
+      ``on_error``.
+
+    >>> kafka_sink(lambda order: f"orders-{order['country']}", acks="all")
+    <sink 'kafka_sink'(spec=KafkaSink('<lambda>', acks='all')) stream=True>
+    """
+    fn = "kafka_sink"
+    stage_options, client_options = _split_options(fn, options)
+    _check_client(fn, client)
+    if not (callable(topic) or (isinstance(topic, str) and topic)):
+        raise TypeError(f"{fn}: topic must be a topic name or a function of the item, got "
+                        f"{topic!r}")
+    if key is not None and not callable(key):
+        raise TypeError(f"{fn}: key must be a function of the item (e.g. key=lambda o: "
+                        f"o['id']), got {type(key).__name__}")
+    if headers is not None and not (callable(headers) or isinstance(headers, (list, tuple,
+                                                                              Mapping))):
+        raise TypeError(f"{fn}: headers must be a list of (name, value) pairs, a dict, or a "
+                        f"function of the item, got {type(headers).__name__}")
+    vser = _serializer(fn, "value_serializer", value_serializer)
+    kser = _serializer(fn, "key_serializer", key_serializer)
+    if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int):
+        raise TypeError(f"{fn}: max_in_flight must be an int, got {max_in_flight!r}")
+    if max_in_flight < 1:
+        raise ValueError(f"{fn}: max_in_flight must be >= 1, got {max_in_flight}")
+    _check_seconds(fn, "connect_timeout", connect_timeout)
+    _check_seconds(fn, "delivery_timeout", delivery_timeout)
+    if client == "kafka-python":
+        _check_kafka_python_options(fn, client_options, _kafka().KafkaProducer.DEFAULT_CONFIG,
+                                    _SINK_OURS)
+    else:
+        _confluent_config(fn, client_options, _SINK_OURS)
+    fixed_headers = None if headers is None or callable(headers) else _headers(headers)
+    spec = _SinkSpec(topic=topic, bootstrap=bootstrap_servers, key=key, vser=vser, kser=kser,
+                     headers=headers, fixed_headers=fixed_headers, client=client,
+                     max_in_flight=max_in_flight, connect_timeout=float(connect_timeout),
+                     delivery_timeout=float(delivery_timeout), options=client_options)
+    return Stage(_kafka_sink, SINK, {**stage_options, "stream": True}, kwargs={"spec": spec},
+                 internal={"with_done": True, "tick": TICK_EVERY, "context": True})
+
+
+def _headers(h: Any) -> list[tuple[str, bytes]] | None:
+    if h is None:
+        return None
+    pairs = h.items() if isinstance(h, Mapping) else h
+    out = []
+    for pair in pairs:
+        name, value = pair
+        if not isinstance(name, str):
+            raise TypeError(f"header names must be str, got {name!r}")
+        out.append((name, value.encode() if isinstance(value, str) else
+                    None if value is None else bytes(value)))
+    return out
+
+
+def _kafka_sink(items: Iterator[Any], *, spec: _SinkSpec, ctx: Any = None) -> None:
+    ctx = ctx or _io.DetachedContext("kafka_sink")
+    writer = (_KafkaPythonWriter if spec.client == "kafka-python" else _ConfluentWriter)(
+        spec, ctx)
+    ok = False
+    try:
+        writer.run(items)
+        writer.flush()
+        ok = True
+    finally:
+        try:
+            writer.close(ok)
+        except Exception:
+            if ok:
+                raise
+            # already failing: that error is the one to report
+            log.warning("kafka_sink %r: closing the producer failed", writer.name,
+                        exc_info=True)
+
+
+class _Writer:
+    """Sends items, calls their ``done()`` on the broker's ack, raises the first
+    delivery error as a StageError naming its item."""
+
+    def __init__(self, spec: _SinkSpec, ctx: Any) -> None:
+        self.spec = spec
+        self.ctx = ctx
+        self.name = ctx.name
+        self.failed: tuple[Any, BaseException] | None = None
+
+    def encode(self, item: Any) -> tuple[str, bytes | None, bytes | None, Any]:
+        spec = self.spec
+        topic = spec.topic(item) if callable(spec.topic) else spec.topic
+        value = None if item is None else spec.vser(item)
+        key = None
+        if spec.key is not None:
+            k = spec.key(item)
+            key = None if k is None else spec.kser(k)
+        headers = spec.fixed_headers
+        if callable(spec.headers):
+            headers = _headers(spec.headers(item))
+        return topic, value, key, headers
+
+    def unencodable(self, exc: Exception, item: Any) -> None:
+        self.ctx.item_error(exc, item, detail="could not serialize it for Kafka")
+
+    def failure(self, item: Any, exc: BaseException) -> None:
+        """Record a delivery error (any thread); the sink thread raises it."""
+        if self.failed is None:
+            self.failed = (item, exc)
+
+    def check(self) -> None:
+        failed = self.failed
+        if failed is not None:
+            item, exc = failed
+            raise StageError(self.name, item, exc, detail=(
+                f"Kafka did not take the message (delivery_timeout "
+                f"{self.spec.delivery_timeout:g} s)"))
+
+    def run(self, items: Iterator[Any]) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    def close(self, ok: bool) -> None:
+        raise NotImplementedError
+
+
+class _KafkaPythonWriter(_Writer):
+    def __init__(self, spec: _SinkSpec, ctx: Any) -> None:
+        super().__init__(spec, ctx)
+        kafka = _kafka()
+        self.kafka = kafka
+        config = dict(spec.options)
+        config.setdefault("bootstrap_timeout_ms", int(spec.connect_timeout * 1000))
+        delivery_ms = int(spec.delivery_timeout * 1000)
+        config.setdefault("delivery_timeout_ms", delivery_ms)
+        config.setdefault("max_block_ms", delivery_ms)
+        if config["delivery_timeout_ms"] < config.get("request_timeout_ms", 30000) + \
+                config.get("linger_ms", 0):
+            config.setdefault("request_timeout_ms", max(1000, config["delivery_timeout_ms"] // 2))
+        _wait_reachable("kafka_sink", spec.bootstrap, spec.connect_timeout)
+        try:
+            self.producer = kafka.KafkaProducer(bootstrap_servers=spec.bootstrap, **config)
+        except _connect_errors(kafka) as exc:
+            raise _unreachable("kafka_sink", spec.bootstrap, spec.connect_timeout,
+                               exc) from None
+        self.acked = 0
+
+    def run(self, items: Iterator[Any]) -> None:
+        send = self.producer.send
+        encode = self.encode
+        limit = self.spec.max_in_flight
+        sent = 0
+        for pair in items:
+            if pair is TICK:
+                self.check()
+                continue
+            item, done = pair
+            try:
+                topic, value, key, headers = encode(item)
+            except Exception as exc:
+                self.unencodable(exc, item)
+                done()
+                continue
+            try:
+                fut = send(topic, value=value, key=key, headers=headers)
+            except Exception as exc:  # e.g. too large, or no metadata within max_block_ms
+                self.failure(item, exc)
+                self.check()
+            fut.add_callback(self._acked, done)
+            fut.add_errback(self._failed, item)
+            sent += 1
+            if sent - self.acked > limit:
+                self.check()
+                self.producer.flush()
+            if self.failed is not None:
+                self.check()
+
+    def _acked(self, done: Callable[[], None], _metadata: Any) -> None:
+        self.acked += 1
+        done()
+
+    def _failed(self, item: Any, exc: BaseException) -> None:
+        self.acked += 1
+        self.failure(item, exc)
+
+    def flush(self) -> None:
+        try:
+            self.producer.flush(timeout=self.spec.delivery_timeout + 5)
+        except self.kafka.errors.KafkaTimeoutError as exc:
+            self.check()
+            raise StageError(self.name, exc=exc, detail="messages still unsent at the end of "
+                             "the stream") from None
+        self.check()
+
+    def close(self, ok: bool) -> None:
+        # after a failure or an abort, give what was sent a moment, then let it go
+        producer = self.producer
+        try:
+            producer.close(timeout=self.spec.delivery_timeout if ok else 1.0)
+        except self.kafka.errors.KafkaTimeoutError:
+            # kafka-python's close() gives up in its flush, leaving its sender thread
+            # running: stop that thread as close() does after a timeout, then close
+            sender = getattr(producer, "_sender", None)
+            if sender is not None:
+                sender.force_close()
+                sender.join(1.0)
+            producer.close(timeout=0)
+            if ok:
+                raise
+
+
+class _ConfluentWriter(_Writer):
+    """confluent-kafka delivers its acknowledgements through ``poll()``: a thread of
+    the sink polls, so acks (and offset commits upstream) follow at once whatever the
+    rate of items, and the sending loop only produces."""
+
+    def __init__(self, spec: _SinkSpec, ctx: Any) -> None:
+        super().__init__(spec, ctx)
+        ck = _confluent("kafka_sink")
+        self.ck = ck
+        config = _confluent_config("kafka_sink", spec.options, _SINK_OURS)
+        config["bootstrap.servers"] = (spec.bootstrap if isinstance(spec.bootstrap, str)
+                                       else ",".join(spec.bootstrap))
+        config.setdefault("message.timeout.ms", int(spec.delivery_timeout * 1000))
+        config.setdefault("logger", log)
+        try:
+            producer = ck.Producer(config)
+        except ck.KafkaException as exc:
+            raise ValueError(f"kafka_sink: confluent-kafka refused the configuration: "
+                             f"{exc.args[0].str() if exc.args else exc}") from None
+        try:
+            producer.list_topics(timeout=spec.connect_timeout)
+        except ck.KafkaException as exc:
+            raise _unreachable("kafka_sink", spec.bootstrap, spec.connect_timeout,
+                               exc.args[0].str() if exc.args else exc) from None
+        self.producer = producer
+        self.polling = True
+        self.poller = threading.Thread(target=self._poll, daemon=True,
+                                       name=f"nanostream:{self.name}:acks")
+        self.poller.start()
+
+    def _poll(self) -> None:
+        poll = self.producer.poll
+        while self.polling:
+            poll(0.05)
+
+    def run(self, items: Iterator[Any]) -> None:
+        producer = self.producer
+        produce = producer.produce
+        encode = self.encode
+        limit = self.spec.max_in_flight
+        report = self._report
+        n = 0
+        for pair in items:
+            if pair is TICK:
+                self.check()
+                continue
+            item, done = pair
+            try:
+                topic, value, key, headers = encode(item)
+            except Exception as exc:
+                self.unencodable(exc, item)
+                done()
+                continue
+            cb = _Delivery(report, item, done)
+            try:
+                produce(topic, value, key, headers=headers, on_delivery=cb)
+            except BufferError:   # the client's queue is full: wait for acks, then retry
+                self._retry(item, topic, value, key, headers, cb)
+            except self.ck.KafkaException as exc:   # e.g. too large
+                self.failure(item, exc)
+                self.check()
+            n += 1
+            if n & 63 == 0:
+                if self.failed is not None:
+                    self.check()
+                if len(producer) > limit:
+                    while len(producer) > limit // 2:
+                        time.sleep(0.001)
+                        self.check()
+
+    def _retry(self, item: Any, topic: str, value: Any, key: Any, headers: Any,
+               cb: _Delivery) -> None:
+        while True:
+            time.sleep(0.005)
+            self.check()
+            try:
+                self.producer.produce(topic, value, key, headers=headers, on_delivery=cb)
+                return
+            except BufferError:
+                continue
+            except self.ck.KafkaException as exc:
+                self.failure(item, exc)
+                self.check()
+
+    def _report(self, item: Any, err: Any) -> None:
+        self.failure(item, self.ck.KafkaException(err))
+
+    def flush(self) -> None:
+        left = self.producer.flush(self.spec.delivery_timeout)
+        self.check()
+        if left:
+            raise StageError(self.name, exc=TimeoutError(
+                f"{left} messages were not delivered within {self.spec.delivery_timeout:g} s "
+                "(delivery_timeout)"))
+
+    def close(self, ok: bool) -> None:
+        producer = self.producer
+        if not ok:
+            # after a failure or an abort: a moment for what was sent, then drop the rest
+            # (close() would wait for it up to delivery_timeout)
+            producer.flush(1.0)
+            producer.purge()
+            producer.flush(0)
+        self.polling = False
+        self.poller.join()
+        close = getattr(producer, "close", None)
+        if close is not None:
+            close()
+
+
+def _index(items: list[Any], item: Any) -> int:
+    """Where ``item`` is in ``items``, by identity."""
+    return next(i for i, x in enumerate(items) if x is item)
+
+
+class _Delivery:
+    """confluent-kafka's delivery callback for one message: done() on success."""
+
+    __slots__ = ("done", "item", "report")
+
+    def __init__(self, report: Callable[[Any, Any], None], item: Any,
+                 done: Callable[[], None]) -> None:
+        self.report = report
+        self.item = item
+        self.done = done
+
+    def __call__(self, err: Any, msg: Any) -> None:
+        if err is None:
+            self.done()
+        else:
+            self.report(self.item, err)
