@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import repeat, starmap
-from typing import Any, Callable
+from typing import Any
 
 __all__ = ["Aborted", "Channel", "ChannelStats"]
 
@@ -78,6 +79,7 @@ class Channel:
         self._not_full = threading.Condition(self._lock)
         self._get_waiting = 0
         self._put_waiting = 0
+        self._woken = False  # a waiting consumer was notified and has not run yet
         self._open = producers
         self._multi = consumers > 1
         self._aborted = False
@@ -93,9 +95,8 @@ class Channel:
             self._put_slow([item])
             return
         dq.append(item)
-        if self._get_waiting:
-            with self._lock:
-                self._not_empty.notify()
+        if self._get_waiting and not self._woken:
+            self._wake()
 
     def put_many(self, items: list[Any]) -> None:
         """Append a list of items, blocking while they do not fit.
@@ -111,9 +112,16 @@ class Channel:
             self._put_slow(items)
             return
         dq.extend(items)
-        if self._get_waiting:
-            with self._lock:
-                self._not_empty.notify()
+        if self._get_waiting and not self._woken:
+            self._wake()
+
+    def _wake(self) -> None:
+        """Wake the waiting consumer, once: until it runs, further puts need not
+        take the lock again (a fast producer would otherwise notify per item)."""
+        with self._lock:
+            if not self._multi:
+                self._woken = True
+            self._not_empty.notify()
 
     def _put_slow(self, items: list[Any]) -> None:
         dq = self._dq
@@ -173,7 +181,10 @@ class Channel:
             # counted as waiting *before* looking at the queue (see _put_slow)
             self._get_waiting += 1
             try:
-                while not dq:
+                while True:
+                    self._woken = False  # from here on a producer must notify again
+                    if dq:
+                        break
                     if self._aborted:
                         raise Aborted
                     if self._open <= 0:
