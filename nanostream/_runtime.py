@@ -133,7 +133,10 @@ class SourceContext:
 
     @property
     def stopping(self) -> bool:
-        return self._runner.stop_requested or self._runner.run._aborted
+        """True once the stage should end: a stop was requested, the run aborted, or
+        nothing downstream takes items any more (e.g. after ``ns.take``)."""
+        r = self._runner
+        return r.stop_requested or r.run._aborted or r.dead()
 
     def on_run_end(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` once the whole run has ended: after every stage thread
@@ -211,6 +214,10 @@ class _Runner:
             retain([t for _, t in items], len(self.outs) - 1)
         for ch, wrap in self.outs:
             ch.put_many([(x, None) for x in items] if wrap else items)
+
+    def dead(self) -> bool:
+        """Nothing downstream takes this stage's items any more."""
+        return self.outs_dead()
 
     def outs_dead(self) -> bool:
         """Every consumer downstream asked for no more items (e.g. ``take``)."""
@@ -776,11 +783,11 @@ class _PoolRunner(_Runner):
             elif flavor == "flatmap":
                 out = list(chain.from_iterable(r for i, r in enumerate(results) if i not in failed))
             elif flavor == "filter":
-                out = [x for x, r, i in zip(xs, results, range(len(results)))
+                out = [x for x, r, i in zip(xs, results, range(len(results)), strict=False)
                        if r and i not in failed]
         else:
             done: list[Ticket | None] = []
-            for i, (x, t) in enumerate(zip(xs, ts)):
+            for i, (x, t) in enumerate(zip(xs, ts, strict=False)):
                 r = results[i] if i < len(results) else None
                 if i in failed or flavor == "sink" or i >= len(results):
                     done.append(t)
@@ -1007,6 +1014,9 @@ class _StreamRunner(_Runner):
                         continue
                     pending.append(pair[1])
                     yield pair[0]
+        elif with_done and st.internal.get("tick") is None:
+            def inputs() -> Iterator[Any]:
+                return zip(self._items(), repeat(_noop))  # C speed: no TICKs to spare
         elif with_done:
             def inputs() -> Iterator[Any]:
                 for x in self._items():
@@ -1305,7 +1315,7 @@ class Run:
             raise
         if self._progress:
             from ._display import start_progress
-            start_progress(self)
+            self._progress_bar = start_progress(self)
         return self
 
     def _check_in(self) -> bool:
@@ -1489,6 +1499,10 @@ class Run:
             if self._started:
                 self.stop(drain=False)
             raise
+        finally:
+            bar = getattr(self, "_progress_bar", None)
+            if bar is not None:
+                bar.join(5)  # the bar's last update lands before run() returns
         return self.stats()
 
     def iterate(self) -> Iterator[Any]:

@@ -242,12 +242,13 @@ class Stage:
         if sig is None:
             return
         try:
+            hooks = {"ctx": None} if self.internal.get("context") else {}
+            if self.internal.get("explicit_tracking"):
+                hooks["release"] = None
             if self.kind == SOURCE:
-                sig.bind(*self.args, **self.kwargs)
-            elif self.internal.get("context"):
-                return
+                sig.bind(*self.args, **hooks, **self.kwargs)
             else:
-                sig.bind(_ITEM_SLOT, **self.kwargs)
+                sig.bind(_ITEM_SLOT, **hooks, **self.kwargs)
         except TypeError as exc:
             if self.kind == SOURCE:
                 raise TypeError(f"source {self.name!r} needs arguments: {exc}; "

@@ -1366,3 +1366,37 @@ def test_stop_drain_with_a_timeout_abandons_a_drain_that_does_not_finish():
     assert run.join(0) is True
     assert src.closed.is_set()
     assert len(seen) < src.produced  # what was still queued was abandoned
+
+
+def test_a_context_source_sees_stopping_once_take_wants_no_more():
+    from nanostream._stage import Stage
+
+    def waits_for_stop(ctx):
+        yield from (1, 2, 3)
+        while not ctx.stopping:  # would wait forever if take did not stop the source
+            yield_ok.wait(0.01)
+
+    yield_ok = threading.Event()
+    src = Stage(waits_for_stop, "source", {"name": "ctxsrc"}, internal={"context": True},
+                bound=True)
+    assert list(src | ns.take(3)) == [1, 2, 3]
+
+
+def test_progress_bar_has_its_last_update_when_run_returns(monkeypatch):
+    pytest.importorskip("tqdm")
+    import nanostream._display as display
+
+    bars = []
+    real = display.start_progress
+
+    def spy(run, tqdm_class=None):
+        handle = real(run, tqdm_class)
+        bars.append(handle)
+        return handle
+
+    monkeypatch.setattr(display, "start_progress", spy)
+    (range(1000) | sink(lambda x: None)).run(progress=True)
+    assert bars
+    assert bars[0] is not None
+    assert not bars[0].thread.is_alive()
+    assert bars[0].bar.n == 1000
