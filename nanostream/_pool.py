@@ -167,8 +167,9 @@ class ProcessPool:
     ever forked from this (threaded) process."""
 
     def __init__(self, spec: TaskSpec, n: int, name: str) -> None:
-        import cloudpickle
         import queue
+
+        import cloudpickle
         try:
             self._spec_bytes = cloudpickle.dumps(spec)
         except Exception as exc:
@@ -187,6 +188,7 @@ class ProcessPool:
 
     def _spawn(self, i: int) -> Any:
         import subprocess
+
         from ._worker import write_frame
         proc = subprocess.Popen([sys.executable, "-m", "nanostream._worker"],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self._env)

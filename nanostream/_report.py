@@ -84,7 +84,7 @@ class Report:
         lines = []
         for r in rows:
             cells = [r[0].ljust(widths[0]), r[1].ljust(widths[1])]
-            cells += [c.rjust(w) for c, w in zip(r[2:], widths[2:])]
+            cells += [c.rjust(w) for c, w in zip(r[2:], widths[2:], strict=False)]
             lines.append("  ".join(cells).rstrip())
         lines.append(f"{'running for' if self.running else 'elapsed'} {self.elapsed:.3f} s")
         return "\n".join(lines)

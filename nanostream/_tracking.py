@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
-from typing import Callable
+from collections.abc import Callable, Iterable
 
 __all__ = ["Ticket", "group", "release", "retain"]
 

@@ -52,7 +52,8 @@ def test_design_example_runs_and_prints(capsys):
 
 def test_decorators_with_options_and_plain_calls():
     fetch = transform(workers=4, ordered=True, name="fetch", queue_size=10)(lambda x: x + 1)
-    assert fetch.name == "fetch" and fetch.option("workers") == 4
+    assert fetch.name == "fetch"
+    assert fetch.option("workers") == 4
     upper = transform(str.upper)
     assert list(["a", "b"] | upper) == ["A", "B"]
     assert transform(square.fn, workers=2).option("workers") == 2
@@ -70,8 +71,10 @@ def test_default_name_is_function_name_and_names_need_not_be_unique():
 
 def test_with_options_returns_a_copy():
     s2 = square.with_options(workers=3, name="sq3")
-    assert s2.option("workers") == 3 and s2.name == "sq3"
-    assert square.option("workers") == 1 and square.name == "square"
+    assert s2.option("workers") == 3
+    assert s2.name == "sq3"
+    assert square.option("workers") == 1
+    assert square.name == "square"
 
 
 def test_curried_direct_call_runs_the_function():
@@ -161,7 +164,8 @@ def test_fan_out_broadcasts():
     a, b = [], []
     p = numbers(3) | (sink(a.append), square | sink(b.append))
     p.run()
-    assert a == [0, 1, 2] and b == [0, 1, 4]
+    assert a == [0, 1, 2]
+    assert b == [0, 1, 4]
 
 
 def test_fan_in_tuple_and_merge():
@@ -193,7 +197,8 @@ def test_from_iterable_rejects_non_iterables():
 
 def test_segments_are_reusable():
     clean = transform(str.strip) | transform(str.upper)
-    assert isinstance(clean, ns.Pipeline) and not clean.sources()
+    assert isinstance(clean, ns.Pipeline)
+    assert not clean.sources()
     assert list([" a "] | clean) == ["A"]
     assert list(["b "] | clean | transform(lambda s: s * 2)) == ["BB"]
     assert list(ns.from_iterable([" c"]) | clean) == ["C"]
