@@ -194,6 +194,7 @@ class ProcessPool:
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self._env)
         self._procs[i] = proc
         try:
+            assert proc.stdin is not None
             write_frame(proc.stdin, self._spec_bytes)
         except BaseException:
             proc.kill()
@@ -292,6 +293,7 @@ async def _run_chunk_async(spec: TaskSpec, chunk: Chunk) -> Outcome:
     t0 = time.perf_counter()
     for i, x in enumerate(chunk):
         attempt = 0
+        r: Any
         while True:
             try:
                 if flavor == "flatmap":
@@ -301,13 +303,15 @@ async def _run_chunk_async(spec: TaskSpec, chunk: Chunk) -> Outcome:
                     else:
                         r = list(await out if inspect.isawaitable(out) else out)
                 else:
-                    r = call(x)
-                    if inspect.isawaitable(r):
-                        r = await r
+                    value = call(x)
+                    if inspect.isawaitable(value):
+                        value = await value
                     if flavor == "filter":
-                        r = bool(r)
+                        r = bool(value)
                     elif flavor == "sink":
                         r = None
+                    else:
+                        r = value
                 break
             except Exception as exc:
                 if attempt < spec.retries:

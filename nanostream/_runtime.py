@@ -36,9 +36,9 @@ _RUNS_LOCK = threading.Lock()
 # Iterables that live in memory: a source over one of these is read in slices
 # (C speed) since taking the next item can never block.
 _MEMORY_TYPES = (list, tuple, range, str, bytes, bytearray, dict, set, frozenset, deque)
-_MEMORY_ITERS = tuple({type(iter(x)) for x in (
-    [], (), range(0), "", b"", bytearray(), {}, set(), frozenset(), deque(), {}.values(),
-    {}.items(), reversed([]), reversed(range(0)))})
+_EMPTY: tuple[Any, ...] = ([], (), range(0), "", b"", bytearray(), {}, set(), frozenset(),
+                           deque(), {}.values(), {}.items(), reversed([]), reversed(range(0)))
+_MEMORY_ITERS: tuple[type, ...] = tuple({type(iter(x)) for x in _EMPTY})
 
 
 def running() -> list[Run]:
@@ -169,7 +169,7 @@ class SourceContext:
                                          detail="the on_error callback raised")) from None
 
 
-StageContext = SourceContext  # type: ignore[misc]
+StageContext = SourceContext
 
 
 # -----------------------------------------------------------------------------
@@ -194,6 +194,8 @@ class _Runner:
         self.threads: list[threading.Thread] = []
         self.stop_requested = False
         self.call = bind(self.stage.fn, self.stage.kwargs)
+        self.emit: Callable[[list[Any]], None] = _discard
+        self.outbuf: list[Any] = []  # stream stages with ctx buffer their outputs here
 
     # output ----------------------------------------------------------------
 
@@ -250,6 +252,9 @@ class _Runner:
         finally:
             self.run._thread_done()
 
+    def start(self) -> None:
+        raise NotImplementedError
+
     def finish(self) -> None:
         """Called once when the node is done: close what it feeds."""
         self.close_outs()
@@ -283,6 +288,11 @@ class _Runner:
         except Exception as cb_exc:
             err = StageError(self.name, item, cb_exc, detail="the on_error callback raised")
             raise _Failed(err) from None
+
+
+def _remaining(it: Iterator[Any]) -> int:
+    """How many items a list iterator has left (to find the item a C loop failed on)."""
+    return it.__length_hint__()  # type: ignore[attr-defined]
 
 
 def _discard(items: list[Any]) -> None:
@@ -509,21 +519,21 @@ class _SingleRunner(_Runner):
         try:
             return list(map(self.call, it))
         except Exception as exc:
-            raise _ItemFailure(batch[len(batch) - it.__length_hint__() - 1], exc) from None
+            raise _ItemFailure(batch[len(batch) - _remaining(it) - 1], exc) from None
 
     def _fast_filter(self, batch: list[Any]) -> list[Any]:
         it = iter(batch)
         try:
             return list(filter(self.call, it))
         except Exception as exc:
-            raise _ItemFailure(batch[len(batch) - it.__length_hint__() - 1], exc) from None
+            raise _ItemFailure(batch[len(batch) - _remaining(it) - 1], exc) from None
 
     def _fast_sink(self, batch: list[Any]) -> list[Any]:
         it = iter(batch)
         try:
             deque(map(self.call, it), maxlen=0)
         except Exception as exc:
-            raise _ItemFailure(batch[len(batch) - it.__length_hint__() - 1], exc) from None
+            raise _ItemFailure(batch[len(batch) - _remaining(it) - 1], exc) from None
         return []
 
     def _fast_flatmap(self, batch: list[Any]) -> list[Any]:
@@ -534,7 +544,7 @@ class _SingleRunner(_Runner):
             try:
                 chunk = list(islice(outputs, BATCH))
             except Exception as exc:
-                raise _ItemFailure(batch[len(batch) - it.__length_hint__() - 1], exc) from None
+                raise _ItemFailure(batch[len(batch) - _remaining(it) - 1], exc) from None
             if not chunk:
                 return []
             self.items_out += len(chunk)
@@ -770,11 +780,11 @@ class _PoolRunner(_Runner):
             want = int(self.target / per_item) if per_item > 0 else BATCH
             self.chunk = max(1, min(BATCH, want, (self.chunk * 2) or 1))
         failed = dict(failures)
-        for i, exc in failures:
+        for i, item_exc in failures:
             if i < len(xs):
                 # raises under on_error="raise": the chunk's items are then never
                 # reported done (the run failed before handling them)
-                self.handle_error(xs[i], exc)
+                self.handle_error(xs[i], item_exc)
         flavor = self.stage.flavor
         out: list[Any] = []
         if ts is None:
@@ -967,7 +977,7 @@ class _StreamRunner(_Runner):
         pending: list[Ticket | None] = []
         current: list[Ticket | None] = [None]
         outstanding: dict[int, Ticket] = {}  # explicit tracking: inputs not yet released
-        self.outbuf: list[Any] = []
+        self.outbuf = []
         self.buffered = bool(st.internal.get("context"))
         extra: dict[str, Any] = {}
         if st.internal.get("context"):
@@ -1202,9 +1212,9 @@ class Run:
             raise ValueError(f"this pipeline has no source, so there is nothing to run "
                              f"(it starts at {heads}); start it with a source, e.g. "
                              "ns.from_iterable(data) | ..., or use it as a segment")
-        heads = p.heads()
-        if heads:
-            raise ValueError(f"stage {heads[0].stage.name!r} has no input: connect a source "
+        orphans = p.heads()
+        if orphans:
+            raise ValueError(f"stage {orphans[0].stage.name!r} has no input: connect a source "
                              "to it or remove it")
         for n in nodes:
             n.stage.check_complete()

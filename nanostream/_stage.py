@@ -164,7 +164,7 @@ class Stage:
                              "does not apply (async functions run on an event loop)")
         if self.is_async and options.get("stream"):
             raise ValueError(f"{kind} {self.name!r}: stream=True needs a plain (not async) function")
-        functools.update_wrapper(self, raw, updated=())  # type: ignore[arg-type]
+        functools.update_wrapper(self, raw, updated=())
 
     # -- options -------------------------------------------------------------
 
@@ -186,8 +186,9 @@ class Stage:
         return self._copy(options=merged)
 
     def _copy(self, **changes: Any) -> Stage:
-        state = dict(fn=self.fn, kind=self.kind, options=self.options, args=self.args,
-                     kwargs=self.kwargs, internal=self.internal, bound=self.bound)
+        state: dict[str, Any] = dict(
+            fn=self.fn, kind=self.kind, options=self.options, args=self.args,
+            kwargs=self.kwargs, internal=self.internal, bound=self.bound)
         state.update(changes)
         return Stage(**state)
 
