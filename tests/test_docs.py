@@ -3,7 +3,6 @@ the API reference, and the Python examples on the pages run."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -69,10 +68,6 @@ def test_page_examples_run(page, tmp_path, monkeypatch, capsys):
     ns.stop_all()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None,
-                    reason="needs the docs extra: pip install -e '.[docs]'")
-@pytest.mark.skipif(importlib.util.find_spec("nanostream.kafka") is None,
-                    reason="waits for nanostream.kafka (the API reference documents it)")
 def test_site_builds_strict(tmp_path):
     env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
     proc = subprocess.run(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import sqlite3
 import subprocess
@@ -15,8 +14,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 HELPERS = {"local_kafka.py"}
 TESTED = {"file_to_sqlite.py", "kafka_etl.py", "fan_out.py", "cpu_bound.py", "seed_example.py"}
 
-needs_kafka = pytest.mark.skipif(importlib.util.find_spec("nanostream.kafka") is None,
-                                 reason="waits for nanostream.kafka")
+needs_kafka = pytest.mark.kafka
 
 
 def run_example(name: str, *args: str, timeout: float = 120, warnings: str = "error") -> str:

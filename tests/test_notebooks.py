@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from pathlib import Path
 
 import pytest
-
-import nanostream as ns
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
-NEEDS = {
-    "kafka_etl.ipynb": pytest.mark.skipif(importlib.util.find_spec("nanostream.kafka") is None,
-                                          reason="waits for nanostream.kafka"),
-    "windows.ipynb": pytest.mark.skipif(not hasattr(ns, "tumbling"),
-                                        reason="waits for the window operators"),
-}
+NEEDS: dict[str, pytest.MarkDecorator] = {}
 MARKS = {"kafka_etl.ipynb": [pytest.mark.kafka]}
 
 
