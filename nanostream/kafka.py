@@ -18,11 +18,13 @@ as ``session_timeout_ms`` or ``ssl_cafile`` are translated to librdkafka's
 (``**{"fetch.wait.max.ms": 100}``). The clients are imported only when a stage is
 built, never by ``import nanostream.kafka``.
 
->>> src = kafka_source("orders", bootstrap_servers="kafka:9092", group_id="etl")
->>> src
-<source 'kafka_source'(KafkaSource('orders', group_id='etl'))>
->>> kafka_sink("orders-clean", bootstrap_servers="kafka:9092", key=lambda o: o["id"])
-<sink 'kafka_sink'(spec=KafkaSink('orders-clean'...)) stream=True>
+>>> import nanostream as ns
+>>> job = (kafka_source("orders", bootstrap_servers="kafka:9092", group_id="etl")
+...        | ns.filter(lambda order: order["amount"] > 0)
+...        | kafka_sink("orders-clean", bootstrap_servers="kafka:9092",
+...                     key=lambda order: order["id"]))
+>>> job                     # nothing connects before job.run() or job.start()
+Pipeline(kafka_source | filter(<lambda>) | kafka_sink)
 """
 
 from __future__ import annotations
@@ -33,17 +35,18 @@ import json
 import logging
 import re
 import socket
-import threading
 import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from . import _io
 from ._errors import StageError
 from ._runtime import TICK, _noop
 from ._stage import DEFAULTS, SINK, SOURCE, Stage, repr_short
+from ._tracking import Ticket
 
 __all__ = ["KafkaRecord", "kafka_sink", "kafka_source"]
 
@@ -54,11 +57,13 @@ POLL_SECONDS = 0.1      # longest a poll blocks: how soon an idle source notices
 PROBE_EVERY = 1.0       # seconds between connection checks of an idle source
 CLOSE_SECONDS = 3.0     # bound on the final commit and close after the run (an abort's
                         # grace period is 5 s)
-TICK_EVERY = 0.1        # an idle sink looks at delivery reports this often
+TICK_EVERY = 0.1        # an idle sink checks for delivery errors this often
+ACK_EVERY = 5000        # a sink waits for the broker's acks after this many messages...
+ACK_INTERVAL = 0.05     # ...or this many seconds after the first unacknowledged one
 POLL_RECORDS = 1000     # most messages one poll returns (option max_poll_records): about a
                         # queue's worth; a poll's messages must leave within max_poll_interval
-CHUNK = 100             # messages tracked together: their offsets are committed once all
-                        # of them are handled (fewer tracker calls; re-delivery stays small)
+CHUNK = 256             # messages passed on and tracked together: their offsets are
+                        # committed once all of them are handled
 
 _SECRET = re.compile(r"password|secret|token|sasl\.oauthbearer\.config|jaas", re.I)
 
@@ -86,6 +91,9 @@ class KafkaRecord(NamedTuple):
     timestamp: int | None
 
 
+_record = tuple.__new__   # KafkaRecord from a tuple at C speed (its __new__ is Python)
+
+
 def _json_loads(data: bytes) -> Any:
     return json.loads(data)
 
@@ -98,6 +106,8 @@ def _json_dumps(x: Any) -> bytes:
 
 
 def _to_text_bytes(x: Any) -> bytes:
+    if type(x) is bytes:
+        return x
     if type(x) is str:
         return x.encode()
     if isinstance(x, (bytes, bytearray, memoryview)):
@@ -106,6 +116,8 @@ def _to_text_bytes(x: Any) -> bytes:
 
 
 def _to_bytes(x: Any) -> bytes:
+    if type(x) is bytes:
+        return x
     if isinstance(x, (bytes, bytearray, memoryview)):
         return x if type(x) is bytes else bytes(x)
     raise TypeError(f"the 'bytes' serializer needs bytes, got {type(x).__name__}; use "
@@ -128,7 +140,7 @@ def _deserializer(fn: str, what: str, spec: Any) -> Callable[[bytes], Any] | Non
                          "runs whatever code its producer chose. If you trust every "
                          "producer, pass the function yourself (e.g. pickle.loads)")
     if callable(spec):
-        return spec  # type: ignore[no-any-return]
+        return spec  # type: ignore[no-any-return,unused-ignore]
     raise ValueError(f"{fn}: {what} must be 'json', 'str', 'bytes' or a function of the "
                      f"message bytes, got {spec!r}")
 
@@ -144,7 +156,7 @@ def _serializer(fn: str, what: str, spec: Any) -> Callable[[Any], bytes]:
         raise ValueError(f"{fn}: {what}={spec!r} is not built in (its consumers would have "
                          "to unpickle broker data); pass a function if you must")
     if callable(spec):
-        return spec  # type: ignore[no-any-return]
+        return spec  # type: ignore[no-any-return,unused-ignore]
     raise ValueError(f"{fn}: {what} must be 'json', 'str', 'bytes' or a function returning "
                      f"bytes, got {spec!r}")
 
@@ -299,11 +311,24 @@ def _check_seconds(fn: str, name: str, value: Any, allow_none: bool = False) -> 
 
 # -- the source --------------------------------------------------------------------------
 
+@dataclass(repr=False)
 class _SourceSpec:
     """Everything a run of a kafka_source needs (picklable, secrets masked in its repr)."""
 
-    def __init__(self, **fields: Any) -> None:
-        self.__dict__.update(fields)
+    topics: tuple[str, ...]
+    pattern: str | None
+    partitions: list[tuple[str, int]] | None
+    bootstrap: Any
+    group_id: str | None
+    vdec: Callable[[bytes], Any] | None
+    kdec: Callable[[bytes], Any] | None
+    with_metadata: bool
+    client: str
+    commit_interval: float
+    stop_at_end: bool
+    connect_timeout: float
+    reconnect_timeout: float | None
+    options: dict[str, Any]
 
     def __repr__(self) -> str:
         what = (repr(self.topics[0]) if len(self.topics) == 1 and not self.pattern
@@ -371,8 +396,8 @@ def kafka_source(topics: str | Iterable[str] | re.Pattern[str] | None = None, *,
     The consumer is closed when the run ends, is stopped or fails, so its partitions
     go to the other members of the group at once.
 
-    >>> kafka_source(pattern="orders-.*", group_id="etl", auto_offset_reset="earliest")
-    <source 'kafka_source'(KafkaSource(pattern='orders-.*'...))>
+    >>> kafka_source(["orders", "refunds"], name="payments")
+    <source 'payments'(KafkaSource(['orders', 'refunds']))>
     """
     fn = "kafka_source"
     stage_options, client_options = _split_options(fn, options)
@@ -380,7 +405,8 @@ def kafka_source(topics: str | Iterable[str] | re.Pattern[str] | None = None, *,
     if isinstance(topics, re.Pattern):
         if pattern is not None:
             raise TypeError(f"{fn}: give a pattern either as topics or as pattern=, not both")
-        topics, pattern = None, topics.pattern
+        pattern = topics.pattern
+        topics = None
     if isinstance(topics, str):
         names: tuple[str, ...] = (topics,)
     elif topics is None:
@@ -478,44 +504,48 @@ def _check_partitions(fn: str, names: tuple[str, ...], pattern: str | None,
     return out
 
 
-def _kafka_source(spec: _SourceSpec, ctx: Any = None) -> Iterator[Any]:
-    """Runs in the source thread: connect, register the final commit and close, read."""
+def _kafka_source(spec: _SourceSpec, ctx: Any = None) -> tuple[()]:
+    """Runs in the source thread: connect, register the final commit and close, read.
+
+    The messages go downstream a chunk at a time, straight into the source's output
+    channels (as the seed-compatibility senders do, through the runner's ``emit``):
+    per message that costs a list append instead of a generator step and a channel
+    put. With a group_id each message carries a completion ticket; once every message
+    of a chunk is handled, the chunk's offsets are done (see :class:`_Countdown`).
+    """
     reader = (_KafkaPythonReader if spec.client == "kafka-python" else _ConfluentReader)(
         spec, ctx)
     ctx.on_run_end(reader.finish)
-    return reader.records()
+    reader.pump()
+    return ()
 
 
-class _Chunk:
-    """Up to ``CHUNK`` consecutive messages of one poll, done when each of them is
-    (then their offsets are).
+class _Countdown:
+    """The messages of a chunk: when each is handled, the chunk's offsets are done.
 
-    Every message of the chunk shares its ``one_done``; the last call marks the
-    chunk's highest offset per partition done in the tracker. ``next()`` of an
-    ``itertools.count`` is one atomic step under the GIL, so concurrent calls from
-    several sink threads count exactly.
+    ``next()`` of an ``itertools.count`` is one atomic step under the GIL, so calls
+    from several threads (sinks, workers) count exactly; the last one finishes.
     """
 
-    __slots__ = ("consumed", "lasts", "n", "reader", "taken", "ticks")
+    __slots__ = ("done", "ends", "n", "ticks")
 
-    def __init__(self, reader: _Reader, lasts: dict[tuple[str, int], tuple[int, int]],
-                 n: int) -> None:
-        self.reader = reader
-        self.lasts = lasts        # (topic, partition) -> (highest offset, its generation)
+    def __init__(self, n: int, done: Callable[..., None],
+                 ends: list[tuple[str, int, int, int]]) -> None:
         self.n = n
+        self.done = done
+        self.ends = ends
         self.ticks = itertools.count(1)
-        self.taken = 0            # when the source stopped inside the chunk: how many of
-        self.consumed: dict[tuple[str, int], int] = {}  # its messages it took, up to where
 
     def one_done(self) -> None:
         if next(self.ticks) == self.n:
-            self.reader.chunk_done(self)
+            _chunk_done(self.done, self.ends)
 
-    def stopped_after(self, taken: list[tuple[tuple[str, int], int]]) -> None:
-        """The source was closed after taking (emitting or skipping) these messages
-        of the chunk, given as ``(partition key, offset)``: the rest never left."""
-        self.taken = len(taken)
-        self.consumed = dict(taken)
+
+def _chunk_done(done: Callable[..., None], ends: list[tuple[str, int, int, int]]) -> None:
+    """Every message of a chunk is handled: its highest offsets are done (a no-op for a
+    partition revoked since: ``generation`` no longer matches)."""
+    for topic, partition, last, generation in ends:
+        done(topic, partition, last, generation)
 
 
 class _Reader:
@@ -534,7 +564,7 @@ class _Reader:
             self.tracker = OffsetTracker()
         self.targets: dict[tuple[str, int], int | None] | None = (
             {} if spec.stop_at_end else None)          # stop_at_end: partition -> end
-        self.partial: _Chunk | None = None   # the chunk the source was stopped in
+        self.runner = ctx._runner   # the core's source runner (see _kafka_source)
         self.down_since: float | None = None
         self.next_probe = 0.0
         self.closed = False
@@ -573,16 +603,27 @@ class _Reader:
 
     # tracking and commits --------------------------------------------------------------
 
-    def chunk(self, lasts: dict[tuple[str, int], int], n: int) -> _Chunk:
-        """Track one poll's messages (``lasts``: highest offset per partition)."""
-        track = self.tracker.track
-        return _Chunk(self, {key: (last, track(key[0], key[1], last))
-                             for key, last in lasts.items()}, n)
-
-    def chunk_done(self, chunk: _Chunk) -> None:
-        done = self.tracker.done
-        for (topic, partition), (last, generation) in chunk.lasts.items():
-            done(topic, partition, last, generation)  # a no-op if revoked since
+    def emit(self, items: list[Any], lasts: dict[tuple[str, int], int]) -> bool:
+        """Pass one chunk on (``lasts``: its highest offset per partition; with
+        skipped messages ``items`` may be shorter, even empty). False once the
+        pipeline wants no more (stop requested, or every consumer downstream done)."""
+        runner = self.runner
+        tracker = self.tracker
+        if tracker is not None:
+            track = tracker.track
+            ends = [(topic, partition, last, track(topic, partition, last))
+                    for (topic, partition), last in lasts.items()]
+            if items:
+                # one ticket per message (operators that track their inputs themselves
+                # tell tickets apart by identity), all counting down the same chunk
+                one_done = _Countdown(len(items), tracker.done, ends).one_done
+                runner.emit([(x, Ticket(one_done)) for x in items])
+            else:
+                _chunk_done(tracker.done, ends)
+        elif items:
+            runner.emit(items)
+        runner.items_out += len(items)
+        return not (runner.stop_requested or runner.outs_dead())
 
     def commit(self, final: bool = False) -> None:
         positions = self.tracker.committable()
@@ -607,33 +648,12 @@ class _Reader:
         try:
             if self.tracker is not None and self.down_since is None:
                 self.commit(final=True)
-                self.commit_partial()
         finally:
             self.closed = True
             try:
                 self.close()
             except Exception:
                 log.exception("kafka_source %r: closing the consumer failed", self.name)
-
-    def commit_partial(self) -> None:
-        """After a stop inside a poll's chunk (the runtime stops a source between two
-        items): commit the messages taken from it once they are all done and nothing
-        else is pending, so a drained stop leaves nothing to re-deliver. Runs after the
-        run, when no done() can come any more."""
-        chunk = self.partial
-        if chunk is None or not chunk.taken:
-            return
-        calls = next(chunk.ticks) - 1   # how many of its messages were done
-        if calls != chunk.taken or self.tracker.in_flight() != len(chunk.lasts):
-            return                      # some are not handled, or an earlier poll is not
-        tracked = set(self.tracker.partitions())
-        positions = {key: last + 1 for key, last in chunk.consumed.items() if key in tracked}
-        if positions:
-            try:
-                self.commit_positions(positions)
-            except Exception as exc:
-                log.warning("kafka_source %r: final commit failed: %r (messages since the "
-                            "last commit will be re-delivered)", self.name, exc)
 
     def close(self) -> None:
         raise NotImplementedError
@@ -691,7 +711,7 @@ class _Reader:
     def position(self, key: tuple[str, int]) -> int | None:
         raise NotImplementedError
 
-    def records(self) -> Iterator[Any]:
+    def pump(self) -> None:
         raise NotImplementedError
 
 
@@ -733,7 +753,7 @@ class _KafkaPythonReader(_Reader):
         self.has_metrics = bool(consumer.config.get("metrics_enabled", True))
 
     def _all_partitions(self) -> list[tuple[str, int]]:
-        keys = []
+        keys: list[tuple[str, int]] = []
         deadline = time.monotonic() + self.spec.connect_timeout
         for t in self.spec.topics:
             while True:
@@ -774,7 +794,7 @@ class _KafkaPythonReader(_Reader):
                 async def on_partitions_lost(self, lost: Any) -> None:
                     reader.revoked(((tp.topic, tp.partition) for tp in lost), lost=True)
         else:  # kafka-python 2: listeners run inside poll(), in the source thread
-            class Listener(kafka.ConsumerRebalanceListener):  # type: ignore[no-redef]
+            class Listener(kafka.ConsumerRebalanceListener):  # type: ignore[no-redef,name-defined]
                 def on_partitions_revoked(self, revoked: Any) -> None:
                     reader.revoked((tp.topic, tp.partition) for tp in revoked)
 
@@ -825,7 +845,7 @@ class _KafkaPythonReader(_Reader):
         except Exception:
             return None
 
-    def records(self) -> Iterator[Any]:
+    def pump(self) -> None:
         spec, ctx = self.spec, self.ctx
         poll = self.consumer.poll
         vdec = spec.vdec
@@ -837,8 +857,7 @@ class _KafkaPythonReader(_Reader):
         stop_at_end = spec.stop_at_end
         errors = self.kafka.errors
         size = CHUNK
-        chunk: Any = None
-        one_done: Callable[[], None] = _noop
+        emit = self.emit
         while not ctx.stopping:
             try:
                 batch = poll(timeout_ms=int(POLL_SECONDS * 1000))
@@ -849,52 +868,47 @@ class _KafkaPythonReader(_Reader):
                 self.down_since = None
             else:
                 self.idle(now)
-            if tracked and now >= next_commit and self.down_since is None:
-                self.commit()
-                next_commit = now + interval
             for tp, recs in batch.items():
                 topic, partition = tp.topic, tp.partition
                 for first in range(0, len(recs), size):
                     part = recs[first:first + size] if len(recs) > size else recs
+                    items: list[Any]
+                    if vdec is None and not meta:
+                        items = [r.value for r in part]
+                    else:
+                        items = []
+                        append = items.append
+                        for r in part:
+                            value = r.value
+                            if vdec is not None and value is not None:
+                                try:
+                                    value = vdec(value)
+                                except Exception as exc:
+                                    self.bad(exc, value, topic, partition, r.offset)
+                                    continue
+                            if meta:
+                                key = r.key
+                                if kdec is not None and key is not None:
+                                    try:
+                                        key = kdec(key)
+                                    except Exception as exc:
+                                        self.bad(exc, key, topic, partition, r.offset)
+                                        continue
+                                ts = r.timestamp
+                                value = _record(KafkaRecord, (
+                                    topic, partition, r.offset, key, value, r.headers or [],
+                                    ts if ts is not None and ts >= 0 else None))
+                            append(value)
+                    if not emit(items, {(topic, partition): part[-1].offset}):
+                        return
                     if tracked:
-                        chunk = self.chunk({(topic, partition): part[-1].offset}, len(part))
-                        one_done = chunk.one_done
                         now = time.monotonic()   # a big poll may take a while to pass on
-                        if now >= next_commit:
+                        if now >= next_commit and self.down_since is None:
                             self.commit()
                             next_commit = now + interval
-                    for r in part:
-                        value = r.value
-                        if vdec is not None and value is not None:
-                            try:
-                                value = vdec(value)
-                            except Exception as exc:
-                                self.bad(exc, value, topic, partition, r.offset)
-                                one_done()
-                                continue
-                        if meta:
-                            key = r.key
-                            if kdec is not None and key is not None:
-                                try:
-                                    key = kdec(key)
-                                except Exception as exc:
-                                    self.bad(exc, key, topic, partition, r.offset)
-                                    one_done()
-                                    continue
-                            ts = r.timestamp
-                            value = KafkaRecord(topic, partition, r.offset, key, value,
-                                                list(r.headers or ()),
-                                                ts if ts is not None and ts >= 0 else None)
-                        if tracked:
-                            try:
-                                yield value, one_done
-                            except GeneratorExit:  # stopped between two messages
-                                self.partial = chunk
-                                chunk.stopped_after([((topic, partition), x.offset)
-                                                     for x in part[:_index(part, r) + 1]])
-                                raise
-                        else:
-                            yield value
+            if tracked and now >= next_commit and self.down_since is None:
+                self.commit()
+                next_commit = now + interval
             if stop_at_end and self.at_end():
                 return
 
@@ -956,7 +970,7 @@ class _ConfluentReader(_Reader):
             raise
 
     def _all_partitions(self) -> list[tuple[str, int]]:
-        keys = []
+        keys: list[tuple[str, int]] = []
         deadline = time.monotonic() + self.spec.connect_timeout
         for t in self.spec.topics:
             while True:
@@ -1008,7 +1022,7 @@ class _ConfluentReader(_Reader):
         pos = max(tp.offset, self.eofs.get(key, -1))
         return None if pos < 0 else int(pos)
 
-    def records(self) -> Iterator[Any]:
+    def pump(self) -> None:
         spec, ctx = self.spec, self.ctx
         ck = self.ck
         consume = self.consumer.consume
@@ -1021,8 +1035,8 @@ class _ConfluentReader(_Reader):
         next_commit = time.monotonic() + interval
         stop_at_end = spec.stop_at_end
         size = CHUNK
-        chunk: Any = None
-        one_done: Callable[[], None] = _noop
+        emit = self.emit
+        no_time = ck.TIMESTAMP_NOT_AVAILABLE
         while not ctx.stopping:
             try:
                 msgs = consume(num_messages=batch_size, timeout=POLL_SECONDS)
@@ -1031,32 +1045,25 @@ class _ConfluentReader(_Reader):
             now = time.monotonic()
             if msgs:
                 self.down_since = None
-                msgs = self._errors(msgs)
             else:
                 self.idle(now)
-            if tracked and now >= next_commit and self.down_since is None:
-                self.commit()
-                next_commit = now + interval
             for first in range(0, len(msgs), size):
                 part = msgs[first:first + size] if len(msgs) > size else msgs
-                if tracked:
-                    lasts = {}
-                    for m in part:
-                        lasts[(m.topic(), m.partition())] = m.offset()
-                    chunk = self.chunk(lasts, len(part))
-                    one_done = chunk.one_done
-                    now = time.monotonic()   # a big poll may take a while to pass on
-                    if now >= next_commit:
-                        self.commit()
-                        next_commit = now + interval
+                lasts: dict[tuple[str, int], int] = {}
+                items: list[Any] = []
+                append = items.append
                 for m in part:
+                    if m.error() is not None:   # an event, not a message
+                        self._event(m)
+                        continue
+                    topic, partition, offset = m.topic(), m.partition(), m.offset()
+                    lasts[(topic, partition)] = offset
                     value = m.value()
                     if vdec is not None and value is not None:
                         try:
                             value = vdec(value)
                         except Exception as exc:
-                            self.bad(exc, value, m.topic(), m.partition(), m.offset())
-                            one_done()
+                            self.bad(exc, value, topic, partition, offset)
                             continue
                     if meta:
                         key = m.key()
@@ -1064,53 +1071,59 @@ class _ConfluentReader(_Reader):
                             try:
                                 key = kdec(key)
                             except Exception as exc:
-                                self.bad(exc, key, m.topic(), m.partition(), m.offset())
-                                one_done()
+                                self.bad(exc, key, topic, partition, offset)
                                 continue
                         kind, ts = m.timestamp()
-                        value = KafkaRecord(m.topic(), m.partition(), m.offset(), key, value,
-                                            list(m.headers() or ()),
-                                            ts if kind != ck.TIMESTAMP_NOT_AVAILABLE else None)
-                    if tracked:
-                        try:
-                            yield value, one_done
-                        except GeneratorExit:  # stopped between two messages
-                            self.partial = chunk
-                            chunk.stopped_after([((x.topic(), x.partition()), x.offset())
-                                                 for x in part[:_index(part, m) + 1]])
-                            raise
-                    else:
-                        yield value
+                        value = _record(KafkaRecord, (topic, partition, offset, key, value,
+                                                      m.headers() or [],
+                                                      ts if kind != no_time else None))
+                    append(value)
+                if not emit(items, lasts):
+                    return
+                if tracked:
+                    now = time.monotonic()   # a big poll may take a while to pass on
+                    if now >= next_commit and self.down_since is None:
+                        self.commit()
+                        next_commit = now + interval
+            if tracked and now >= next_commit and self.down_since is None:
+                self.commit()
+                next_commit = now + interval
             if stop_at_end and self.at_end():
                 return
 
-    def _errors(self, msgs: list[Any]) -> list[Any]:
-        """The messages without the error events among them (fatal ones raise)."""
-        if all(m.error() is None for m in msgs):
-            return msgs
+    def _event(self, m: Any) -> None:
+        """An error event among the messages: the end of a partition (with
+        stop_at_end), a fatal error (raised), or a warning (logged)."""
         ck = self.ck
-        out = []
-        for m in msgs:
-            err = m.error()
-            if err is None:
-                out.append(m)
-            elif err.code() == ck.KafkaError._PARTITION_EOF:
-                self.eofs[(m.topic(), m.partition())] = m.offset()
-            elif err.fatal() or err.code() in (ck.KafkaError.TOPIC_AUTHORIZATION_FAILED,
-                                               ck.KafkaError.GROUP_AUTHORIZATION_FAILED,
-                                               ck.KafkaError._SSL,
-                                               ck.KafkaError._AUTHENTICATION):
-                raise ConnectionError(f"kafka_source: the consumer failed: {err.str()}")
-            else:
-                log.warning("kafka_source %r: %s", self.name, err.str())
-        return out
+        err = m.error()
+        if err.code() == ck.KafkaError._PARTITION_EOF:
+            self.eofs[(m.topic(), m.partition())] = m.offset()
+        elif err.fatal() or err.code() in (ck.KafkaError.TOPIC_AUTHORIZATION_FAILED,
+                                           ck.KafkaError.GROUP_AUTHORIZATION_FAILED,
+                                           ck.KafkaError._SSL, ck.KafkaError._AUTHENTICATION):
+            raise ConnectionError(f"kafka_source: the consumer failed: {err.str()}")
+        else:
+            log.warning("kafka_source %r: %s", self.name, err.str())
 
 
 # -- the sink --------------------------------------------------------------------------------
 
+@dataclass(repr=False)
 class _SinkSpec:
-    def __init__(self, **fields: Any) -> None:
-        self.__dict__.update(fields)
+    """Everything a run of a kafka_sink needs (secrets masked in its repr)."""
+
+    topic: str | Callable[[Any], str]
+    bootstrap: Any
+    key: Callable[[Any], Any] | None
+    vser: Callable[[Any], bytes]
+    kser: Callable[[Any], bytes]
+    headers: Any
+    fixed_headers: list[tuple[str, bytes | None]] | None
+    client: str
+    max_in_flight: int
+    connect_timeout: float
+    delivery_timeout: float
+    options: dict[str, Any]
 
     def __repr__(self) -> str:
         topic = self.topic if isinstance(self.topic, str) else getattr(
@@ -1152,8 +1165,8 @@ def kafka_sink(topic: str | Callable[[Any], str], *,
       ``compression_type="gzip"``). Stage options: ``name``, ``queue_size``,
       ``on_error``.
 
-    >>> kafka_sink(lambda order: f"orders-{order['country']}", acks="all")
-    <sink 'kafka_sink'(spec=KafkaSink('<lambda>', acks='all')) stream=True>
+    >>> kafka_sink("orders-clean", acks="all")
+    <sink 'kafka_sink'(spec=KafkaSink('orders-clean', acks='all')) stream=True>
     """
     fn = "kafka_sink"
     stage_options, client_options = _split_options(fn, options)
@@ -1190,7 +1203,7 @@ def kafka_sink(topic: str | Callable[[Any], str], *,
                  internal={"with_done": True, "tick": TICK_EVERY, "context": True})
 
 
-def _headers(h: Any) -> list[tuple[str, bytes]] | None:
+def _headers(h: Any) -> list[tuple[str, bytes | None]] | None:
     if h is None:
         return None
     pairs = h.items() if isinstance(h, Mapping) else h
@@ -1211,7 +1224,6 @@ def _kafka_sink(items: Iterator[Any], *, spec: _SinkSpec, ctx: Any = None) -> No
     ok = False
     try:
         writer.run(items)
-        writer.flush()
         ok = True
     finally:
         try:
@@ -1225,30 +1237,79 @@ def _kafka_sink(items: Iterator[Any], *, spec: _SinkSpec, ctx: Any = None) -> No
 
 
 class _Writer:
-    """Sends items, calls their ``done()`` on the broker's ack, raises the first
-    delivery error as a StageError naming its item."""
+    """Sends items, and marks them handled in rounds: every ``ACK_EVERY`` messages or
+    ``ACK_INTERVAL`` seconds it flushes the producer (waits until the broker has
+    acknowledged every message sent so far) and then calls their ``done()``. That is
+    the hand-written loop's flush-then-commit, without a Python callback per message
+    (each such callback would also hand the GIL back and forth with the client's
+    thread). The first delivery error is raised as a StageError naming its item."""
 
     def __init__(self, spec: _SinkSpec, ctx: Any) -> None:
         self.spec = spec
         self.ctx = ctx
         self.name = ctx.name
         self.failed: tuple[Any, BaseException] | None = None
+        self.batch = min(ACK_EVERY, spec.max_in_flight)
 
-    def encode(self, item: Any) -> tuple[str, bytes | None, bytes | None, Any]:
+    def run(self, items: Iterator[Any]) -> None:
+        """The sending loop: items (with their ``done``) or TICKs from the runtime."""
         spec = self.spec
-        topic = spec.topic(item) if callable(spec.topic) else spec.topic
-        value = None if item is None else spec.vser(item)
-        key = None
-        if spec.key is not None:
-            k = spec.key(item)
-            key = None if k is None else spec.kser(k)
+        send = self.send
+        topic: Any = spec.topic
+        topic_of = topic if callable(topic) else None
+        vser, kser, key_of = spec.vser, spec.kser, spec.key
         headers = spec.fixed_headers
-        if callable(spec.headers):
-            headers = _headers(spec.headers(item))
-        return topic, value, key, headers
+        headers_of = spec.headers if callable(spec.headers) else None
+        monotonic = time.monotonic
+        batch = self.batch
+        pending: list[Any] = []   # what send() returned for each message since the flush
+        append = pending.append
+        since = 0.0
+        for pair in items:
+            if pair is TICK:
+                self.idle()
+                if pending and monotonic() - since >= ACK_INTERVAL:
+                    self.settle(pending)
+                    pending = []
+                    append = pending.append
+                continue
+            item, done = pair
+            try:
+                value = None if item is None else vser(item)
+                key = None
+                if key_of is not None:
+                    key = key_of(item)
+                    if key is not None:
+                        key = kser(key)
+                if topic_of is not None:
+                    topic = topic_of(item)
+                if headers_of is not None:
+                    headers = _headers(headers_of(item))
+            except Exception as exc:
+                self.ctx.item_error(exc, item, detail="could not serialize it for Kafka")
+                done()   # skipped: handled
+                continue
+            append(send(item, done, topic, value, key, headers))
+            n = len(pending)
+            if n == 1:
+                since = monotonic()
+            elif n >= batch or (n & 63 == 0 and monotonic() - since >= ACK_INTERVAL):
+                self.settle(pending)
+                pending = []
+                append = pending.append
+        if pending:
+            self.settle(pending)
 
-    def unencodable(self, exc: Exception, item: Any) -> None:
-        self.ctx.item_error(exc, item, detail="could not serialize it for Kafka")
+    def send(self, item: Any, done: Callable[[], None], topic: str, value: bytes | None,
+             key: bytes | None, headers: Any) -> Any:
+        raise NotImplementedError
+
+    def idle(self) -> None:
+        """Called on the idle TICKs."""
+
+    def settle(self, pending: list[Any]) -> None:
+        """Wait until everything sent is acknowledged, then mark it handled."""
+        raise NotImplementedError
 
     def failure(self, item: Any, exc: BaseException) -> None:
         """Record a delivery error (any thread); the sink thread raises it."""
@@ -1263,11 +1324,12 @@ class _Writer:
                 f"Kafka did not take the message (delivery_timeout "
                 f"{self.spec.delivery_timeout:g} s)"))
 
-    def run(self, items: Iterator[Any]) -> None:
-        raise NotImplementedError
-
-    def flush(self) -> None:
-        raise NotImplementedError
+    def unsent(self, exc: BaseException | None, item: Any) -> StageError:
+        """A flush that did not end: the broker acknowledged not all messages in time."""
+        return StageError(self.name, item, exc or TimeoutError(
+            "the broker acknowledged not all messages"), detail=(
+            f"not acknowledged within delivery_timeout {self.spec.delivery_timeout:g} s "
+            "and then some"))
 
     def close(self, ok: bool) -> None:
         raise NotImplementedError
@@ -1292,54 +1354,29 @@ class _KafkaPythonWriter(_Writer):
         except _connect_errors(kafka) as exc:
             raise _unreachable("kafka_sink", spec.bootstrap, spec.connect_timeout,
                                exc) from None
-        self.acked = 0
+        self.sender = self.producer.send
 
-    def run(self, items: Iterator[Any]) -> None:
-        send = self.producer.send
-        encode = self.encode
-        limit = self.spec.max_in_flight
-        sent = 0
-        for pair in items:
-            if pair is TICK:
-                self.check()
-                continue
-            item, done = pair
-            try:
-                topic, value, key, headers = encode(item)
-            except Exception as exc:
-                self.unencodable(exc, item)
-                done()
-                continue
-            try:
-                fut = send(topic, value=value, key=key, headers=headers)
-            except Exception as exc:  # e.g. too large, or no metadata within max_block_ms
-                self.failure(item, exc)
-                self.check()
-            fut.add_callback(self._acked, done)
-            fut.add_errback(self._failed, item)
-            sent += 1
-            if sent - self.acked > limit:
-                self.check()
-                self.producer.flush()
-            if self.failed is not None:
-                self.check()
+    def send(self, item: Any, done: Callable[[], None], topic: str, value: bytes | None,
+             key: bytes | None, headers: Any) -> Any:
+        try:
+            fut = self.sender(topic, value=value, key=key, headers=headers)
+        except Exception as exc:  # e.g. too large, or no metadata within max_block_ms
+            self.failure(item, exc)
+            self.check()
+        return fut, item, done
 
-    def _acked(self, done: Callable[[], None], _metadata: Any) -> None:
-        self.acked += 1
-        done()
-
-    def _failed(self, item: Any, exc: BaseException) -> None:
-        self.acked += 1
-        self.failure(item, exc)
-
-    def flush(self) -> None:
+    def settle(self, pending: list[Any]) -> None:
         try:
             self.producer.flush(timeout=self.spec.delivery_timeout + 5)
         except self.kafka.errors.KafkaTimeoutError as exc:
-            self.check()
-            raise StageError(self.name, exc=exc, detail="messages still unsent at the end of "
-                             "the stream") from None
-        self.check()
+            late = next((item for fut, item, _ in pending
+                         if not fut.is_done or fut.exception is not None), None)
+            raise self.unsent(exc, late) from None
+        for fut, item, done in pending:
+            if fut.exception is not None:
+                self.failure(item, fut.exception)
+                self.check()
+            done()
 
     def close(self, ok: bool) -> None:
         # after a failure or an abort, give what was sent a moment, then let it go
@@ -1359,9 +1396,8 @@ class _KafkaPythonWriter(_Writer):
 
 
 class _ConfluentWriter(_Writer):
-    """confluent-kafka delivers its acknowledgements through ``poll()``: a thread of
-    the sink polls, so acks (and offset commits upstream) follow at once whatever the
-    rate of items, and the sending loop only produces."""
+    """With ``delivery.report.only.error`` librdkafka reports failed messages only;
+    the per-message callback (which names the item) then never runs for a success."""
 
     def __init__(self, spec: _SinkSpec, ctx: Any) -> None:
         super().__init__(spec, ctx)
@@ -1371,6 +1407,8 @@ class _ConfluentWriter(_Writer):
         config["bootstrap.servers"] = (spec.bootstrap if isinstance(spec.bootstrap, str)
                                        else ",".join(spec.bootstrap))
         config.setdefault("message.timeout.ms", int(spec.delivery_timeout * 1000))
+        config["delivery.report.only.error"] = True
+        config["on_delivery"] = self._undelivered
         config.setdefault("logger", log)
         try:
             producer = ck.Producer(config)
@@ -1383,58 +1421,76 @@ class _ConfluentWriter(_Writer):
             raise _unreachable("kafka_sink", spec.bootstrap, spec.connect_timeout,
                                exc.args[0].str() if exc.args else exc) from None
         self.producer = producer
-        self.polling = True
-        self.poller = threading.Thread(target=self._poll, daemon=True,
-                                       name=f"nanostream:{self.name}:acks")
-        self.poller.start()
-
-    def _poll(self) -> None:
-        poll = self.producer.poll
-        while self.polling:
-            poll(0.05)
+        self.produce = producer.produce
 
     def run(self, items: Iterator[Any]) -> None:
-        producer = self.producer
-        produce = producer.produce
-        encode = self.encode
-        limit = self.spec.max_in_flight
-        report = self._report
-        n = 0
+        """The generic loop, specialised: no per-message callback (``on_delivery`` is
+        set once for the producer and only runs for failures) and ``produce`` called
+        with positional arguments (its keyword parsing costs as much as the rest)."""
+        spec = self.spec
+        produce = self.producer.produce
+        topic: Any = spec.topic
+        topic_of = topic if callable(topic) else None
+        vser, kser, key_of = spec.vser, spec.kser, spec.key
+        headers = spec.fixed_headers
+        headers_of = spec.headers if callable(spec.headers) else None
+        monotonic = time.monotonic
+        batch = self.batch
+        pending: list[Any] = []   # (value, item, done) of each message since the flush
+        self.pending = pending
+        append = pending.append
+        since = 0.0
         for pair in items:
             if pair is TICK:
-                self.check()
+                self.idle()
+                if pending and monotonic() - since >= ACK_INTERVAL:
+                    self.settle(pending)
+                    self.pending = pending = []
+                    append = pending.append
                 continue
             item, done = pair
             try:
-                topic, value, key, headers = encode(item)
+                value = None if item is None else vser(item)
+                key = None
+                if key_of is not None:
+                    key = key_of(item)
+                    if key is not None:
+                        key = kser(key)
+                if topic_of is not None:
+                    topic = topic_of(item)
+                if headers_of is not None:
+                    headers = _headers(headers_of(item))
             except Exception as exc:
-                self.unencodable(exc, item)
-                done()
+                self.ctx.item_error(exc, item, detail="could not serialize it for Kafka")
+                done()   # skipped: handled
                 continue
-            cb = _Delivery(report, item, done)
             try:
-                produce(topic, value, key, headers=headers, on_delivery=cb)
-            except BufferError:   # the client's queue is full: wait for acks, then retry
-                self._retry(item, topic, value, key, headers, cb)
+                if headers is None:
+                    produce(topic, value, key)
+                else:
+                    produce(topic, value, key, headers=headers)
+            except BufferError:   # the client's queue is full: let it drain, then retry
+                self._retry(item, topic, value, key, headers)
             except self.ck.KafkaException as exc:   # e.g. too large
                 self.failure(item, exc)
                 self.check()
-            n += 1
-            if n & 63 == 0:
-                if self.failed is not None:
-                    self.check()
-                if len(producer) > limit:
-                    while len(producer) > limit // 2:
-                        time.sleep(0.001)
-                        self.check()
+            append((value, item, done))
+            n = len(pending)
+            if n == 1:
+                since = monotonic()
+            elif n >= batch or (n & 63 == 0 and monotonic() - since >= ACK_INTERVAL):
+                self.settle(pending)
+                self.pending = pending = []
+                append = pending.append
+        if pending:
+            self.settle(pending)
 
-    def _retry(self, item: Any, topic: str, value: Any, key: Any, headers: Any,
-               cb: _Delivery) -> None:
+    def _retry(self, item: Any, topic: str, value: Any, key: Any, headers: Any) -> None:
         while True:
-            time.sleep(0.005)
+            self.producer.poll(0.05)
             self.check()
             try:
-                self.producer.produce(topic, value, key, headers=headers, on_delivery=cb)
+                self.producer.produce(topic, value, key, headers=headers)
                 return
             except BufferError:
                 continue
@@ -1442,16 +1498,27 @@ class _ConfluentWriter(_Writer):
                 self.failure(item, exc)
                 self.check()
 
-    def _report(self, item: Any, err: Any) -> None:
+    def _undelivered(self, err: Any, msg: Any) -> None:
+        """The producer's delivery report, called (in poll or flush, in this thread)
+        for failed messages only: record the error with its item."""
+        if err is None:
+            return
+        value = msg.value()
+        item = next((it for v, it, _ in getattr(self, "pending", ()) if v == value), value)
         self.failure(item, self.ck.KafkaException(err))
 
-    def flush(self) -> None:
-        left = self.producer.flush(self.spec.delivery_timeout)
+    def idle(self) -> None:
+        self.producer.poll(0)   # serve error reports
+        self.check()
+
+    def settle(self, pending: list[Any]) -> None:
+        left = self.producer.flush(self.spec.delivery_timeout + 5)
         self.check()
         if left:
-            raise StageError(self.name, exc=TimeoutError(
-                f"{left} messages were not delivered within {self.spec.delivery_timeout:g} s "
-                "(delivery_timeout)"))
+            raise self.unsent(None, pending[0][1])
+        if pending[0][2] is not _noop:
+            for _, _, done in pending:
+                done()
 
     def close(self, ok: bool) -> None:
         producer = self.producer
@@ -1461,31 +1528,6 @@ class _ConfluentWriter(_Writer):
             producer.flush(1.0)
             producer.purge()
             producer.flush(0)
-        self.polling = False
-        self.poller.join()
         close = getattr(producer, "close", None)
         if close is not None:
             close()
-
-
-def _index(items: list[Any], item: Any) -> int:
-    """Where ``item`` is in ``items``, by identity."""
-    return next(i for i, x in enumerate(items) if x is item)
-
-
-class _Delivery:
-    """confluent-kafka's delivery callback for one message: done() on success."""
-
-    __slots__ = ("done", "item", "report")
-
-    def __init__(self, report: Callable[[Any, Any], None], item: Any,
-                 done: Callable[[], None]) -> None:
-        self.report = report
-        self.item = item
-        self.done = done
-
-    def __call__(self, err: Any, msg: Any) -> None:
-        if err is None:
-            self.done()
-        else:
-            self.report(self.item, err)

@@ -407,6 +407,23 @@ def test_failure_mid_stream_then_restart_loses_nothing(kafka_broker, kafka_topic
 
 
 @pytest.mark.parametrize("client", CLIENTS)
+def test_windows_and_keyed_state_downstream_still_commit(kafka_broker, kafka_topic, client):
+    """Operators that track their inputs themselves (windows) release each message."""
+    bootstrap = kafka_broker.bootstrap
+    produce(bootstrap, kafka_topic, [{"i": i} for i in range(600)])
+    group = unique_topic("win")
+    sums = []
+    (kafka_source(kafka_topic, bootstrap_servers=bootstrap, group_id=group,
+                  partitions=[0, 1, 2], client=client, auto_offset_reset="earliest",
+                  stop_at_end=True)
+     | ns.sliding(size=6, step=3, key=lambda v: v["i"] % 2)
+     | ns.sink(lambda w: sums.append(sum(v["i"] for v in w.value)))
+     ).run(timeout=DEADLINE)
+    assert sums
+    assert committed(bootstrap, group, kafka_topic) == {0: 200, 1: 200, 2: 200}
+
+
+@pytest.mark.parametrize("client", CLIENTS)
 def test_stop_drains_commits_and_a_restart_has_no_duplicates(kafka_broker, kafka_topic, client):
     bootstrap = kafka_broker.bootstrap
     n = 3000
