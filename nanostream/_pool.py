@@ -157,6 +157,7 @@ def _child_env() -> dict[str, str]:
     if os.getcwd() not in paths:
         paths.insert(0, os.getcwd())
     env["PYTHONPATH"] = os.pathsep.join(paths)
+    env["NANOSTREAM_WORKER"] = "1"  # the worker imports only what it needs
     return env
 
 
