@@ -35,7 +35,7 @@ def client():
     # A worker that dies fails its task at once instead of killing the other worker too.
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                           dashboard_address=None)
+                                           dashboard_address=":0")  # never the fixed port 8787
         c = distributed.Client(cluster)
     try:
         yield c
