@@ -304,12 +304,14 @@ def _discard(items: list[Any]) -> None:
 class _SourceRunner(_Runner):
     kind = "source"
     fused_next: _SingleRunner | None = None  # set for in-memory data feeding one stage
+    read_by: _StreamRunner | None = None     # in-memory data a stream stage reads itself
 
     def start(self) -> None:
         self.setup_emit()
         if self.fused_next is not None:
             self.emit = self.fused_next.handle
-        self.spawn(self._body)
+        if self.read_by is None:
+            self.spawn(self._body)
 
     def dead(self) -> bool:
         nxt = self.fused_next
@@ -936,6 +938,7 @@ class _StreamRunner(_Runner):
 
     kind = "stream"
     rest: Iterator[Any] = iter(())
+    fused_source: _SourceRunner | None = None  # in-memory data read in this thread
 
     def start(self) -> None:
         self.setup_emit()
@@ -944,6 +947,9 @@ class _StreamRunner(_Runner):
 
     def _items(self) -> Iterator[Any]:
         """The input as one iterator (``TICK`` markers when the stage asked for them)."""
+        if self.fused_source is not None:
+            yield from chain.from_iterable(self._memory_batches(self.fused_source))
+            return
         get = self.inp.get  # type: ignore[union-attr]
         tick = self.stage.internal.get("tick")
         while True:
@@ -961,6 +967,22 @@ class _StreamRunner(_Runner):
             self.batch = batch
             self.rest = it = iter(batch)  # what the function has not pulled yet
             yield from it
+
+    def _memory_batches(self, src: _SourceRunner) -> Iterator[list[Any]]:
+        """Read an in-memory source directly (it can never block, so no thread, no
+        queue): slices of BATCH items, stopping when the source is asked to stop."""
+        it = iter(src.stage.args[0])
+        while not (src.stop_requested or self.run._aborted):
+            if self.outbuf:
+                self.flush()
+            batch = list(islice(it, BATCH))
+            if not batch:
+                break
+            src.items_out += len(batch)
+            self.items_in += len(batch)
+            self.batch = batch
+            yield batch
+        self.exhausted = True
 
     def flush(self) -> None:
         """Pass on the buffered outputs (internal operators buffer theirs)."""
@@ -1031,6 +1053,9 @@ class _StreamRunner(_Runner):
             def inputs() -> Iterator[Any]:
                 for x in self._items():
                     yield x if x is TICK else (x, _noop)
+        elif self.fused_source is not None:
+            def inputs() -> Iterator[Any]:
+                return chain.from_iterable(self._memory_batches(self.fused_source))  # type: ignore[arg-type]
         else:
             inputs = self._items
 
@@ -1050,7 +1075,9 @@ class _StreamRunner(_Runner):
             else:
                 self._forward(result, pending, current, outstanding if explicit else None)
                 self.flush()
-            if not self.exhausted:
+            if not self.exhausted and self.fused_source is not None:
+                self.fused_source.stop_requested = True  # the data is simply not read
+            elif not self.exhausted:
                 # the function returned before its input ended: it wants no more
                 self.inp.discard()  # type: ignore[union-attr]
                 dropped = list(self.rest)  # the rest of the batch it was given
@@ -1281,6 +1308,12 @@ class Run:
                     src = runners[preds[0]]
                     assert isinstance(src, _SourceRunner)
                     src.fused_next, r.fused_prev = r, src  # type: ignore[assignment]
+                elif (isinstance(r, _StreamRunner) and len(preds) == 1
+                        and isinstance(runners[preds[0]], _SourceRunner)
+                        and len(succ[preds[0]]) == 1 and _in_memory(preds[0].stage)):
+                    src = runners[preds[0]]
+                    assert isinstance(src, _SourceRunner)
+                    src.read_by, r.fused_source = r, src
         self.runners = [runners[n] for n in order]
         self._wakeables.extend(channels.values())
         if self.collector is not None:

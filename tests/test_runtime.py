@@ -1400,3 +1400,27 @@ def test_progress_bar_has_its_last_update_when_run_returns(monkeypatch):
     assert bars[0] is not None
     assert not bars[0].thread.is_alive()
     assert bars[0].bar.n == 1000
+
+
+def test_a_stream_stage_reads_in_memory_data_itself():
+    @transform(stream=True)
+    def pairs(items):
+        it = iter(items)
+        for a in it:
+            yield a, next(it, None)
+
+    p = ns.from_iterable(range(5), name="data") | pairs
+    run = p.start()
+    assert [t.name for t in threading.enumerate() if t.name == "nanostream:data"] == []
+    run.join(10)
+    assert list(ns.from_iterable(range(5)) | pairs) == [(0, 1), (2, 3), (4, None)]
+    report = (ns.from_iterable(range(5), name="data") | pairs).run()
+    assert report["data"].items_out == 5
+    assert report["pairs"].items_in == 5
+    assert report["pairs"].items_out == 3
+
+
+def test_take_on_huge_in_memory_data_reads_only_what_it_needs():
+    assert list(range(10**12) | ns.take(3)) == [0, 1, 2]
+    assert list(ns.from_iterable(range(10**12)) | ns.tumbling(size=2) | ns.take(1))[0].value \
+        == [0, 1]
