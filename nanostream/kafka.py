@@ -827,7 +827,7 @@ class _KafkaPythonReader(_Reader):
             assignment = consumer.assignment()
             if assignment:
                 consumer.end_offsets([next(iter(assignment))], timeout_ms=500)
-            else:
+            elif not self.has_metrics:   # (a fresh bootstrap opens a new connection)
                 consumer.bootstrap(timeout_ms=500, refresh=True)
         except _connect_errors(self.kafka):
             return False
