@@ -54,6 +54,8 @@ log = logging.getLogger("nanostream.kafka")
 
 CLIENTS = ("kafka-python", "confluent")
 POLL_SECONDS = 0.1      # longest a poll blocks: how soon an idle source notices run.stop()
+POLL_EVERY = 0.5        # a back-pressured source asks each poll for what the pipeline
+                        # takes in this long, so that it still polls this often
 PROBE_EVERY = 1.0       # seconds between connection checks of an idle source
 CLOSE_SECONDS = 3.0     # bound on the final commit and close after the run (an abort's
                         # grace period is 5 s)
@@ -520,6 +522,29 @@ def _kafka_source(spec: _SourceSpec, ctx: Any = None) -> tuple[()]:
     return ()
 
 
+class _Pace:
+    """How many messages to ask the next poll for: at most ``limit``, and about what
+    the pipeline takes in ``POLL_EVERY`` seconds. A source waits while the stages
+    after it are full (back-pressure) and polls again only once it has passed its
+    last poll's messages on; polls must come often enough for the group (rebalances,
+    ``max_poll_interval_ms``) whatever the speed of the pipeline."""
+
+    __slots__ = ("last", "limit", "taken", "want")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = self.want = max(1, limit)
+        self.last = 0.0
+        self.taken = 0
+
+    def polled(self, now: float, got: int) -> None:
+        """A poll just returned ``got`` messages; the previous one was at ``self.last``."""
+        if self.taken:   # the previous poll's messages have all been passed on
+            rate = self.taken / max(now - self.last, 1e-3)
+            self.want = max(1, min(self.limit, int(rate * POLL_EVERY)))
+        self.last = now
+        self.taken = got
+
+
 class _Countdown:
     """The messages of a chunk: when each is handled, the chunk's offsets are done.
 
@@ -565,6 +590,10 @@ class _Reader:
         self.targets: dict[tuple[str, int], int | None] | None = (
             {} if spec.stop_at_end else None)          # stop_at_end: partition -> end
         self.runner = ctx._runner   # the core's source runner (see _kafka_source)
+        # where a partition is safe to resume from: everything before it was handled
+        self.first: dict[tuple[str, int], int] = {}    # first offset passed on since assigned
+        self.safe: dict[tuple[str, int], int] = {}     # last position committed here
+        self.rewind: dict[tuple[str, int], int] = {}   # revoked: resume there if it comes back
         self.down_since: float | None = None
         self.next_probe = 0.0
         self.closed = False
@@ -578,21 +607,41 @@ class _Reader:
         if self.targets is not None:
             for key in keys:
                 self.targets.setdefault(key, None)
+        rewind, self.rewind = self.rewind, {}
+        for key in keys:
+            if key in rewind:
+                self.seek(key, rewind[key])
 
-    def revoked(self, keys: Iterable[tuple[str, int]], commit: bool = True,
-                lost: bool = False) -> None:
+    def seek(self, key: tuple[str, int], offset: int) -> None:
+        """Resume ``key`` at ``offset`` (a client that keeps its read position when a
+        partition is revoked and assigned again would skip what was in flight)."""
+
+    def forget(self, keys: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
         """Partitions leave this member: forget their messages in flight (done() for
-        them is ignored from now on) and commit what was done, unless ``commit`` is
-        False or they were ``lost`` (another member may own them already)."""
-        keys = list(keys)
-        log.info("kafka_source %r: %s %s", self.name, "lost" if lost else "revoked",
-                 sorted(keys))
+        them is ignored from now on). Returns the positions to commit for them; if
+        they come back, reading resumes at the first message not handled."""
         if self.targets is not None:
             for key in keys:
                 self.targets.pop(key, None)
         if self.tracker is None:
-            return
+            return {}
         final = self.tracker.revoke(keys)
+        for key in keys:
+            first, safe = self.first.pop(key, None), self.safe.pop(key, None)
+            position = final.get(key, safe if safe is not None else first)
+            if position is not None:
+                self.rewind[key] = position
+        return final
+
+    def revoked(self, keys: Iterable[tuple[str, int]], commit: bool = True,
+                lost: bool = False) -> None:
+        """Partitions leave this member (see :meth:`forget`); commit what was done,
+        unless ``commit`` is False or they were ``lost`` (another member may own them
+        already)."""
+        keys = list(keys)
+        log.info("kafka_source %r: %s %s", self.name, "lost" if lost else "revoked",
+                 sorted(keys))
+        final = self.forget(keys)
         if commit and not lost and final and not self.closed:
             try:
                 self.commit_positions(final)
@@ -603,13 +652,18 @@ class _Reader:
 
     # tracking and commits --------------------------------------------------------------
 
-    def emit(self, items: list[Any], lasts: dict[tuple[str, int], int]) -> bool:
-        """Pass one chunk on (``lasts``: its highest offset per partition; with
-        skipped messages ``items`` may be shorter, even empty). False once the
-        pipeline wants no more (stop requested, or every consumer downstream done)."""
+    def emit(self, items: list[Any], firsts: dict[tuple[str, int], int],
+             lasts: dict[tuple[str, int], int]) -> bool:
+        """Pass one chunk on (``firsts``/``lasts``: its lowest and highest offset per
+        partition; with skipped messages ``items`` may be shorter, even empty). False
+        once the pipeline wants no more (stop requested, or every consumer downstream
+        done)."""
         runner = self.runner
         tracker = self.tracker
         if tracker is not None:
+            first = self.first
+            for key, offset in firsts.items():
+                first.setdefault(key, offset)
             track = tracker.track
             ends = [(topic, partition, last, track(topic, partition, last))
                     for (topic, partition), last in lasts.items()]
@@ -637,6 +691,7 @@ class _Reader:
                         exc)
             return
         self.tracker.mark_committed(positions)
+        self.safe.update(positions)
 
     def commit_positions(self, positions: dict[tuple[str, int], int]) -> None:
         raise NotImplementedError
@@ -778,8 +833,8 @@ class _KafkaPythonReader(_Reader):
             class Listener(base):  # type: ignore[misc, valid-type]
                 async def on_partitions_revoked(self, revoked: Any) -> None:
                     keys = [(tp.topic, tp.partition) for tp in revoked]
-                    final = reader.tracker.revoke(keys) if reader.tracker is not None else {}
-                    reader.revoked(keys, commit=False)
+                    log.info("kafka_source %r: revoked %s", reader.name, sorted(keys))
+                    final = reader.forget(keys)
                     if final and not reader.closed:
                         try:
                             await consumer.commit_async(reader.offsets(final))
@@ -801,6 +856,11 @@ class _KafkaPythonReader(_Reader):
                 def on_partitions_assigned(self, assigned: Any) -> None:
                     reader.assigned((tp.topic, tp.partition) for tp in assigned)
         return Listener()
+
+    def seek(self, key: tuple[str, int], offset: int) -> None:
+        # kafka-python keeps the read position of a partition assigned again after a
+        # rebalance: go back to the first message not handled (a local call)
+        self.consumer.seek(self.kafka.TopicPartition(*key), offset)
 
     def offsets(self, positions: dict[tuple[str, int], int]) -> dict[Any, Any]:
         kafka = self.kafka
@@ -858,12 +918,14 @@ class _KafkaPythonReader(_Reader):
         errors = self.kafka.errors
         size = CHUNK
         emit = self.emit
+        pace = _Pace(int(self.consumer.config["max_poll_records"]))
         while not ctx.stopping:
             try:
-                batch = poll(timeout_ms=int(POLL_SECONDS * 1000))
+                batch = poll(timeout_ms=int(POLL_SECONDS * 1000), max_records=pace.want)
             except errors.KafkaError as exc:
                 raise ConnectionError(f"kafka_source: the consumer failed: {exc!r}") from exc
             now = time.monotonic()
+            pace.polled(now, sum(map(len, batch.values())) if batch else 0)
             if batch:
                 self.down_since = None
             else:
@@ -899,7 +961,8 @@ class _KafkaPythonReader(_Reader):
                                     topic, partition, r.offset, key, value, r.headers or [],
                                     ts if ts is not None and ts >= 0 else None))
                             append(value)
-                    if not emit(items, {(topic, partition): part[-1].offset}):
+                    if not emit(items, {(topic, partition): part[0].offset},
+                                {(topic, partition): part[-1].offset}):
                         return
                     if tracked:
                         now = time.monotonic()   # a big poll may take a while to pass on
@@ -1037,18 +1100,21 @@ class _ConfluentReader(_Reader):
         size = CHUNK
         emit = self.emit
         no_time = ck.TIMESTAMP_NOT_AVAILABLE
+        pace = _Pace(batch_size)
         while not ctx.stopping:
             try:
-                msgs = consume(num_messages=batch_size, timeout=POLL_SECONDS)
+                msgs = consume(num_messages=pace.want, timeout=POLL_SECONDS)
             except ck.KafkaException as exc:
                 raise ConnectionError(f"kafka_source: the consumer failed: {exc}") from exc
             now = time.monotonic()
+            pace.polled(now, len(msgs))
             if msgs:
                 self.down_since = None
             else:
                 self.idle(now)
             for first in range(0, len(msgs), size):
                 part = msgs[first:first + size] if len(msgs) > size else msgs
+                firsts: dict[tuple[str, int], int] = {}
                 lasts: dict[tuple[str, int], int] = {}
                 items: list[Any] = []
                 append = items.append
@@ -1057,7 +1123,10 @@ class _ConfluentReader(_Reader):
                         self._event(m)
                         continue
                     topic, partition, offset = m.topic(), m.partition(), m.offset()
-                    lasts[(topic, partition)] = offset
+                    where = (topic, partition)
+                    if where not in lasts:
+                        firsts[where] = offset
+                    lasts[where] = offset
                     value = m.value()
                     if vdec is not None and value is not None:
                         try:
@@ -1078,7 +1147,7 @@ class _ConfluentReader(_Reader):
                                                       m.headers() or [],
                                                       ts if kind != no_time else None))
                     append(value)
-                if not emit(items, lasts):
+                if not emit(items, firsts, lasts):
                     return
                 if tracked:
                     now = time.monotonic()   # a big poll may take a while to pass on

@@ -548,6 +548,54 @@ def test_two_processes_in_one_group_split_the_partitions(kafka_broker, make_topi
     assert committed(bootstrap, group, source) == {0: 200, 1: 200, 2: 200}
 
 
+@pytest.mark.parametrize("client", CLIENTS)
+def test_rebalance_mid_stream_commits_what_is_done_and_loses_nothing(kafka_broker, kafka_topic,
+                                                                     client, caplog):
+    """A second member joins while the first has messages in flight: the first commits
+    what it finished for the partitions it gives up; together they handle everything."""
+    bootstrap = kafka_broker.bootstrap
+    n = 900
+    produce(bootstrap, kafka_topic, [{"i": i} for i in range(n)])
+    group = unique_topic("rebalance")
+    seen = {"a": Counter(), "b": Counter()}
+    lock = threading.Lock()
+
+    def member(name):
+        def slow(v):
+            time.sleep(0.01)   # the first member alone would take 4.5 s
+            return v
+
+        def record(v):
+            with lock:
+                seen[name][v["i"]] += 1
+        return (kafka_source(kafka_topic, bootstrap_servers=bootstrap, group_id=group,
+                             client=client, auto_offset_reset="earliest", commit_interval=0.1,
+                             **kafka_broker.group_options(client))
+                | ns.transform(slow, workers=2, ordered=False) | ns.sink(record))
+
+    def handled() -> set:
+        with lock:
+            return set(seen["a"]) | set(seen["b"])
+
+    with caplog.at_level("INFO", logger="nanostream.kafka"):
+        first = member("a").start()
+        second = None
+        try:
+            wait_for(lambda: len(seen["a"]) >= 100, "the first member to get going")
+            second = member("b").start()
+            wait_for(lambda: len(handled()) == n, "every message")
+        finally:
+            first.stop()
+            if second is not None:
+                second.stop()
+        first.join()
+        second.join()
+    assert sum(seen["b"].values()) > 0, "the second member got partitions"
+    assert "revoked [" in caplog.text
+    assert "failed" not in caplog.text
+    assert committed(bootstrap, group, kafka_topic) == {0: 300, 1: 300, 2: 300}
+
+
 # -- broker trouble ---------------------------------------------------------------------
 
 def free_port() -> int:
