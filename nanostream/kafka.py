@@ -1319,11 +1319,14 @@ class _Writer:
         self.name = ctx.name
         self.failed: tuple[Any, BaseException] | None = None
         self.batch = min(ACK_EVERY, spec.max_in_flight)
+        self.sender: Callable[..., Any] = _no_sender
 
     def run(self, items: Iterator[Any]) -> None:
-        """The sending loop: items (with their ``done``) or TICKs from the runtime."""
+        """The sending loop: items (with their ``done``) or TICKs from the runtime;
+        ``self.sender(topic, value, key, headers)`` sends one message and returns what
+        :meth:`settle` needs to know whether it was delivered."""
         spec = self.spec
-        send = self.send
+        sender = self.sender
         topic: Any = spec.topic
         topic_of = topic if callable(topic) else None
         vser, kser, key_of = spec.vser, spec.kser, spec.key
@@ -1358,7 +1361,11 @@ class _Writer:
                 self.ctx.item_error(exc, item, detail="could not serialize it for Kafka")
                 done()   # skipped: handled
                 continue
-            append(send(item, done, topic, value, key, headers))
+            try:
+                append((sender(topic, value, key, headers), item, done))
+            except Exception as exc:  # e.g. too large, or no metadata within max_block_ms
+                self.failure(item, exc)
+                self.check()
             n = len(pending)
             if n == 1:
                 since = monotonic()
@@ -1368,10 +1375,6 @@ class _Writer:
                 append = pending.append
         if pending:
             self.settle(pending)
-
-    def send(self, item: Any, done: Callable[[], None], topic: str, value: bytes | None,
-             key: bytes | None, headers: Any) -> Any:
-        raise NotImplementedError
 
     def idle(self) -> None:
         """Called on the idle TICKs."""
@@ -1404,6 +1407,10 @@ class _Writer:
         raise NotImplementedError
 
 
+def _no_sender(*args: Any) -> Any:
+    raise NotImplementedError
+
+
 class _KafkaPythonWriter(_Writer):
     def __init__(self, spec: _SinkSpec, ctx: Any) -> None:
         super().__init__(spec, ctx)
@@ -1424,15 +1431,6 @@ class _KafkaPythonWriter(_Writer):
             raise _unreachable("kafka_sink", spec.bootstrap, spec.connect_timeout,
                                exc) from None
         self.sender = self.producer.send
-
-    def send(self, item: Any, done: Callable[[], None], topic: str, value: bytes | None,
-             key: bytes | None, headers: Any) -> Any:
-        try:
-            fut = self.sender(topic, value=value, key=key, headers=headers)
-        except Exception as exc:  # e.g. too large, or no metadata within max_block_ms
-            self.failure(item, exc)
-            self.check()
-        return fut, item, done
 
     def settle(self, pending: list[Any]) -> None:
         try:
