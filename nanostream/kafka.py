@@ -577,8 +577,6 @@ class _Reader:
     """One run of a kafka_source: polls in the source thread, tracks and commits
     offsets, notices a lost broker, closes the consumer after the run."""
 
-    client_name = ""
-
     def __init__(self, spec: _SourceSpec, ctx: Any) -> None:
         self.spec = spec
         self.ctx = ctx
