@@ -15,8 +15,8 @@ other per-item transform (a map, a generator transform, the function of
 
 - ``workers`` is the most tasks of that stage in flight on the cluster at once. It is
   the back-pressure bound: a fast source blocks instead of flooding the scheduler.
-  Use about the number of worker threads the stage should keep busy (a little more
-  hides the round trip to the scheduler).
+  Use about twice the number of worker threads the stage should keep busy: with
+  exactly as many, a worker idles while its result travels back.
 - Items are sent in chunks: the runtime grows a stage's chunks until one task
   computes for about ``task_seconds`` (0.2 s by default, at most 512 items), so the
   per-task overhead of Dask (milliseconds) is paid per chunk, not per item.
