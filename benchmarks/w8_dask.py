@@ -16,8 +16,8 @@ Baseline ("limit"): the serial loop in this process; the ratio is the speed-up
 ``workers=2``, and the engine sending one item per task (``task_seconds=0``) to show
 what chunking buys. Target: the engine >= 1.6 x serial.
 
-W8s repeats it with small items (0.1 ms), where the runtime's chunks (at most 512
-items, ~50 ms) are short beside Dask's per-task cost, and adds the remedy: the items
+W8s repeats it with small items (0.1 ms), where the runtime's chunks (at most 1024
+items, ~0.1 s) are shorter than ``task_seconds``, and adds the remedy: the items
 grouped with ``ns.batch`` before the stage, so that one task computes ~0.2 s. It has
 no target (it is not in BENCHMARKS.md); it shows when chunking is not enough.
 
@@ -167,7 +167,7 @@ def _nanostream(
 
 
 def run_batched(p: dict[str, Any]) -> float:
-    """Items batched into lists before the stage: tasks beyond the 512-item chunks."""
+    """Items batched into lists before the stage: tasks beyond the largest chunk."""
     import nanostream as ns
     from nanostream.dask import DaskEngine
 

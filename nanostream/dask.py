@@ -18,7 +18,7 @@ other per-item transform (a map, a generator transform, the function of
   Use about twice the number of worker threads the stage should keep busy: with
   exactly as many, a worker idles while its result travels back.
 - Items are sent in chunks: the runtime grows a stage's chunks until one task
-  computes for about ``task_seconds`` (0.2 s by default, at most 512 items), so the
+  computes for about ``task_seconds`` (0.2 s by default, at most 1024 items), so the
   per-task overhead of Dask (milliseconds) is paid per chunk, not per item.
 - ``ordered=True`` (the default) keeps input order; ``ordered=False`` passes results
   on as tasks finish.
