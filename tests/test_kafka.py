@@ -35,7 +35,6 @@ import pytest
 
 import nanostream as ns
 from nanostream.kafka import KafkaRecord, kafka_sink, kafka_source
-from tests.kafka_fixtures import *  # noqa: F403
 from tests.kafka_support import create_topic, unique_topic
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition  # isort: skip
