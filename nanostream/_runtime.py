@@ -9,6 +9,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from itertools import chain, islice, repeat
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from ._channel import Aborted, Channel
@@ -290,6 +291,10 @@ class _Runner:
             raise _Failed(err) from None
 
 
+_first = itemgetter(0)
+_second = itemgetter(1)
+
+
 def _remaining(it: Iterator[Any]) -> int:
     """How many items a list iterator has left (to find the item a C loop failed on)."""
     return it.__length_hint__()  # type: ignore[attr-defined]
@@ -440,7 +445,9 @@ class _SingleRunner(_Runner):
         st = self.stage
         simple = st.option("on_error") == "raise" and st.option("retries") == 0
         flavor = st.flavor
-        if self.tracked:
+        if self.tracked and simple and flavor == "map":
+            self.process = self._fast_map_tracked
+        elif self.tracked:
             self.process = self._process_tracked
         elif simple:
             self.process = {"map": self._fast_map, "filter": self._fast_filter,
@@ -537,6 +544,18 @@ class _SingleRunner(_Runner):
         except Exception as exc:
             raise _ItemFailure(batch[len(batch) - _remaining(it) - 1], exc) from None
         return []
+
+    def _fast_map_tracked(self, batch: list[Any]) -> list[Any]:
+        """A map over (item, ticket) pairs: the outputs keep their inputs' tickets."""
+        xs = list(map(_first, batch))
+        self.batch = xs  # what an abort empties, to stop the loop
+        it = iter(xs)
+        try:
+            ys = list(map(self.call, it))
+        except Exception as exc:  # a failed run reports none of these items done
+            raise _ItemFailure(xs[len(xs) - _remaining(it) - 1], exc) from None
+        # after an abort ys may be short: those outputs are abandoned, never reported
+        return list(zip(ys, map(_second, batch), strict=False))
 
     def _fast_flatmap(self, batch: list[Any]) -> list[Any]:
         it = iter(batch)
@@ -998,7 +1017,9 @@ class _StreamRunner(_Runner):
         held: list[Ticket | None] = []   # tickets released when the stage ends
         pending: list[Ticket | None] = []
         current: list[Ticket | None] = [None]
-        outstanding: dict[int, Ticket] = {}  # explicit tracking: inputs not yet released
+        # explicit tracking: inputs not yet released, by ticket, with how many items hold
+        # it (one ticket may travel with several items, e.g. a flat-map's outputs)
+        outstanding: dict[int, list[Any]] = {}
         self.outbuf = []
         self.buffered = bool(st.internal.get("context"))
         extra: dict[str, Any] = {}
@@ -1007,13 +1028,25 @@ class _StreamRunner(_Runner):
 
         if explicit:
             def release_tokens(tokens: Iterable[Any]) -> None:
-                release([outstanding.pop(id(t), None) for t in tokens if t is not None])
+                gone = []
+                for t in tokens:
+                    entry = outstanding.get(id(t)) if t is not None else None
+                    if entry is not None:
+                        gone.append(entry[0])
+                        entry[1] -= 1
+                        if not entry[1]:
+                            del outstanding[id(t)]
+                release(gone)
             extra["release"] = release_tokens
             if self.tracked:
                 def inputs() -> Iterator[Any]:
                     for pair in self._items():
                         if pair is not TICK and pair[1] is not None:
-                            outstanding[id(pair[1])] = pair[1]
+                            entry = outstanding.get(id(pair[1]))
+                            if entry is None:
+                                outstanding[id(pair[1])] = [pair[1], 1]
+                            else:
+                                entry[1] += 1
                         yield pair
             elif st.internal.get("tick") is None:
                 def inputs() -> Iterator[Any]:
@@ -1094,7 +1127,7 @@ class _StreamRunner(_Runner):
             release(pending)
             release(held)
             release([current[0]])
-            release(list(outstanding.values()))
+            release([t for t, n in outstanding.values() for _ in range(n)])
         self.finish()
 
     def _consume(self, result: Iterator[Any]) -> None:
@@ -1109,7 +1142,7 @@ class _StreamRunner(_Runner):
             raise _Failed(StageError(self.name, exc=exc)) from None
 
     def _forward(self, result: Any, pending: list[Ticket | None],
-                 current: list[Ticket | None], outstanding: dict[int, Ticket] | None) -> None:
+                 current: list[Ticket | None], outstanding: dict[int, list[Any]] | None) -> None:
         try:
             it = iter(result)
         except TypeError:

@@ -550,3 +550,24 @@ def test_slow_fused_stages_that_split_apart_keep_reporting():
     (led.source(ITEMS * 3) | transform(slow_inc) | sink(slow_record)).run()
     assert led.early == []
     assert led.done == Counter(ITEMS * 3)
+
+
+def test_windows_after_a_flat_map_report_every_item_done():
+    # a flat-map's outputs share their input's ticket; an explicitly tracking stage
+    # (a keyed window) must give back one reference per item, not one per ticket
+    done = []
+
+    @source(track=True)
+    def src():
+        for i in range(6):
+            yield i, (lambda i=i: done.append(i))
+
+    @transform
+    def twice(x):
+        yield x
+        yield x
+
+    out = []
+    (src() | twice | ns.tumbling(size=2, key=lambda x: x % 2) | sink(out.append)).run()
+    assert sorted(done) == list(range(6))
+    assert sorted(v for w in out for v in w.value) == sorted(list(range(6)) * 2)
