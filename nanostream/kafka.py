@@ -1303,6 +1303,29 @@ def _kafka_sink(items: Iterator[Any], *, spec: _SinkSpec, ctx: Any = None) -> No
                         exc_info=True)
 
 
+def _encoder(spec: _SinkSpec) -> Callable[[Any], tuple[Any, Any, Any, Any]]:
+    """``item -> (topic, value, key, headers)`` of its message, with the sink's
+    serializers and callables bound once (both writers' loops call it per item)."""
+    fixed_topic: Any = spec.topic
+    topic_of = fixed_topic if callable(fixed_topic) else None
+    vser, kser, key_of = spec.vser, spec.kser, spec.key
+    fixed_headers = spec.fixed_headers
+    headers_of = spec.headers if callable(spec.headers) else None
+
+    def encode(item: Any) -> tuple[Any, Any, Any, Any]:
+        value = None if item is None else vser(item)
+        key = None
+        if key_of is not None:
+            key = key_of(item)
+            if key is not None:
+                key = kser(key)
+        topic = fixed_topic if topic_of is None else topic_of(item)
+        headers = fixed_headers if headers_of is None else _headers(headers_of(item))
+        return topic, value, key, headers
+
+    return encode
+
+
 class _Writer:
     """Sends items, and marks them handled in rounds: every ``ACK_EVERY`` messages or
     ``ACK_INTERVAL`` seconds it flushes the producer (waits until the broker has
@@ -1325,11 +1348,7 @@ class _Writer:
         :meth:`settle` needs to know whether it was delivered."""
         spec = self.spec
         sender = self.sender
-        topic: Any = spec.topic
-        topic_of = topic if callable(topic) else None
-        vser, kser, key_of = spec.vser, spec.kser, spec.key
-        headers = spec.fixed_headers
-        headers_of = spec.headers if callable(spec.headers) else None
+        encode = _encoder(spec)
         monotonic = time.monotonic
         batch = self.batch
         pending: list[Any] = []   # what send() returned for each message since the flush
@@ -1345,16 +1364,7 @@ class _Writer:
                 continue
             item, done = pair
             try:
-                value = None if item is None else vser(item)
-                key = None
-                if key_of is not None:
-                    key = key_of(item)
-                    if key is not None:
-                        key = kser(key)
-                if topic_of is not None:
-                    topic = topic_of(item)
-                if headers_of is not None:
-                    headers = _headers(headers_of(item))
+                topic, value, key, headers = encode(item)
             except Exception as exc:
                 self.ctx.item_error(exc, item, detail="could not serialize it for Kafka")
                 done()   # skipped: handled
@@ -1494,11 +1504,7 @@ class _ConfluentWriter(_Writer):
         with positional arguments (its keyword parsing costs as much as the rest)."""
         spec = self.spec
         produce = self.producer.produce
-        topic: Any = spec.topic
-        topic_of = topic if callable(topic) else None
-        vser, kser, key_of = spec.vser, spec.kser, spec.key
-        headers = spec.fixed_headers
-        headers_of = spec.headers if callable(spec.headers) else None
+        encode = _encoder(spec)
         monotonic = time.monotonic
         batch = self.batch
         pending: list[Any] = []   # (value, item, done) of each message since the flush
@@ -1515,16 +1521,7 @@ class _ConfluentWriter(_Writer):
                 continue
             item, done = pair
             try:
-                value = None if item is None else vser(item)
-                key = None
-                if key_of is not None:
-                    key = key_of(item)
-                    if key is not None:
-                        key = kser(key)
-                if topic_of is not None:
-                    topic = topic_of(item)
-                if headers_of is not None:
-                    headers = _headers(headers_of(item))
+                topic, value, key, headers = encode(item)
             except Exception as exc:
                 self.ctx.item_error(exc, item, detail="could not serialize it for Kafka")
                 done()   # skipped: handled
