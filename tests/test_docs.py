@@ -23,7 +23,7 @@ RUNNABLE = ["index.md", "tutorial.md", "concepts.md", "coming-from.md",
             "how-to/jupyter.md", "how-to/errors.md", "how-to/testing.md",
             "how-to/performance.md", "how-to/class-api.md"]
 # Pages other engineers write; they must exist (a stub at least) and be in the nav.
-OTHERS = ["operators.md", "files-and-databases.md", "kafka.md", "scaling.md",
+OTHERS = ["operators.md", "files-and-databases.md", "kafka.md", "scaling.md", "reliability.md",
           "benchmarks.md"]
 
 FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
