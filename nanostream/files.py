@@ -18,9 +18,12 @@ file, like ``tail -f``, until the run is stopped.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import gzip
 import json
 import os
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from operator import methodcaller
 from typing import Any
@@ -36,6 +39,8 @@ FLUSH_EVERY = 1000     # a file sink flushes (and marks its items handled) this 
 IDLE_FLUSH = 1.0       # ...and after this many seconds without input
 
 _chomp = methodcaller("rstrip", "\n")
+# what reading a damaged .gz file raises: not gzip at all, cut short, corrupt
+_GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
 
 
 # -- sources -----------------------------------------------------------------------------
@@ -104,11 +109,22 @@ def _read_lines(path: Any, *, ctx: Any = None, follow: bool = False, encoding: s
                 yield from map(_chomp, f)
             except UnicodeDecodeError as exc:
                 raise _decode_error(file, encoding, exc) from exc
+            except _GZIP_ERRORS as exc:
+                raise _gzip_error(file, exc) from exc
 
 
 def _decode_error(file: str, encoding: str, exc: UnicodeDecodeError) -> ValueError:
     return ValueError(f"{file}: cannot decode the text as {encoding} ({exc.reason}); pass "
                       "the right encoding=, or errors='replace' to read it anyway")
+
+
+def _gzip_error(file: str, exc: Exception) -> ValueError:
+    """A clear error for a ``.gz`` file that is not gzip data, or is cut short."""
+    if isinstance(exc, gzip.BadGzipFile):
+        return ValueError(f"{file}: not a gzip file ({exc}); a name ending in .gz is read as "
+                          "gzip: rename the file if it holds plain text")
+    return ValueError(f"{file}: the gzip data is cut short or corrupt ({exc}); the lines "
+                      "before the damage were read. Re-create or re-copy the file")
 
 
 def _follow(path: str, ctx: Any, encoding: str, errors: str, poll: float
@@ -230,6 +246,8 @@ def _read_jsonl(path: Any, *, ctx: Any = None, follow: bool = False, encoding: s
                     yield value
             except UnicodeDecodeError as exc:
                 raise _decode_error(file, encoding, exc) from exc
+            except _GZIP_ERRORS as exc:
+                raise _gzip_error(file, exc) from exc
 
 
 def read_csv(path: PathArg | Sequence[PathArg], *, delimiter: str = ",",
@@ -313,6 +331,8 @@ def _read_csv(path: Any, *, ctx: Any = None, delimiter: str = ",",
                             row, detail=f"{file}, line {reader.line_num}")
             except UnicodeDecodeError as exc:
                 raise _decode_error(file, encoding, exc) from exc
+            except _GZIP_ERRORS as exc:
+                raise _gzip_error(file, exc) from exc
 
 
 # -- sinks -------------------------------------------------------------------------------
@@ -323,6 +343,18 @@ def _sink(fn: Callable[..., Any], name: str, path: str, kwargs: dict[str, Any],
     shown = {"path": path, **{k: v for k, v in kwargs.items() if v != defaults.get(k)}}
     return Stage(fn, SINK, {**_io.stage_options(name, options), "stream": True},
                  kwargs=shown, internal={"with_done": True, "tick": IDLE_FLUSH, "context": True})
+
+
+@contextlib.contextmanager
+def _writing(fn: str, path: str) -> Iterator[None]:
+    """Name the file in an OSError of a write, a flush or the close (a full disk, a
+    lost network drive): the OS's own message does not say which file."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, f"{fn}: cannot write {path!r}: {exc.strerror}") from exc
 
 
 def _open_for_writing(fn: str, path: str, append: bool, encoding: str,
@@ -377,7 +409,7 @@ def write_lines(path: PathArg, *, append: bool = False, encoding: str = "utf-8",
 
 def _write_lines(items: Iterator[Any], *, path: str, append: bool = False,
                  encoding: str = "utf-8", ctx: Any = None) -> None:
-    with _open_for_writing("write_lines", path, append, encoding) as f:
+    with _writing("write_lines", path), _open_for_writing("write_lines", path, append, encoding) as f:
         out = _Flusher(f)
         write, dones = f.write, out.dones
         for pair in items:
@@ -427,7 +459,7 @@ def _write_jsonl(items: Iterator[Any], *, path: str, append: bool = False,
                  ctx: Any = None) -> None:
     ctx = ctx or _io.DetachedContext("write_jsonl")
     encode = json.JSONEncoder(ensure_ascii=False, default=default).encode
-    with _open_for_writing("write_jsonl", path, append, encoding) as f:
+    with _writing("write_jsonl", path), _open_for_writing("write_jsonl", path, append, encoding) as f:
         out = _Flusher(f)
         write, dones = f.write, out.dones
         for pair in items:
@@ -506,7 +538,7 @@ def _write_csv(items: Iterator[Any], *, path: str, fieldnames: list[str] | None 
                 raise ValueError(f"write_csv: {path!r} has the header {existing}, not the "
                                  f"fieldnames {header}")
             header, write_header = existing, False
-    with _open_for_writing("write_csv", path, append, encoding, newline="") as f:
+    with _writing("write_csv", path), _open_for_writing("write_csv", path, append, encoding, newline="") as f:
         writer = csv.writer(f, delimiter=delimiter)
         writerow = writer.writerow
         if header is not None and write_header:
