@@ -42,6 +42,17 @@ _EMPTY: tuple[Any, ...] = ([], (), range(0), "", b"", bytearray(), {}, set(), fr
 _MEMORY_ITERS: tuple[type, ...] = tuple({type(iter(x)) for x in _EMPTY})
 
 
+def _check_timeout(fn: str, timeout: Any) -> None:
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"{fn}: timeout must be a number of seconds or None, got "
+                        f"{type(timeout).__name__} {timeout!r}")
+    if not timeout >= 0:
+        raise ValueError(f"{fn}: timeout must be >= 0 seconds (or None to wait as long as it "
+                         f"takes), got {timeout!r}")
+
+
 def running() -> list[Run]:
     """The runs that are still going (started and not yet ended).
 
@@ -1458,6 +1469,7 @@ class Run:
         """
         if not self._started:
             raise RuntimeError("this Run was never started; call run.start() or pipeline.start()")
+        _check_timeout("join", timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._done.is_set():
             wait = 0.2
@@ -1500,6 +1512,7 @@ class Run:
         """
         if not self._started:
             raise RuntimeError("this Run was never started")
+        _check_timeout("stop", timeout)
         if self._done.is_set():
             return
         if self._in_own_thread():
@@ -1564,6 +1577,7 @@ class Run:
     # whole-run helpers -----------------------------------------------------------
 
     def run_to_end(self, timeout: float | None) -> Report:
+        _check_timeout("run", timeout)
         try:
             self.start()  # inside the try: a Ctrl-C may land while threads start
             if not self.join(timeout):
