@@ -723,7 +723,16 @@ class _PoolRunner(_Runner):
                 self.items_in += len(xs)
                 self.pending[seq] = (xs, ts)
                 try:
-                    fut = self.pool.submit(xs)
+                    try:
+                        fut = self.pool.submit(xs)
+                    except Exception:
+                        if not self._skips_unpicklable():
+                            raise
+                        # on_error applies to an item that cannot go to a worker process
+                        # like to one that fails there: drop it, send the rest
+                        xs, ts = self._drop_unpicklable(xs, ts)
+                        self.pending[seq] = (xs, ts)
+                        fut = self.pool.submit(xs) if xs else _settled_future(([], [], 0.0))
                 except Exception as exc:
                     process = self.stage.option("executor") == "process"
                     raise _Failed(StageError(
@@ -735,6 +744,30 @@ class _PoolRunner(_Runner):
                 seq += 1
         finally:
             self.results.put((seq, _END))
+
+    def _skips_unpicklable(self) -> bool:
+        return (self.stage.option("executor") == "process"
+                and self.stage.option("on_error") != "raise")
+
+    def _drop_unpicklable(self, xs: list[Any], ts: list[Ticket | None] | None
+                          ) -> tuple[list[Any], list[Ticket | None] | None]:
+        """The items of a chunk that pickle (with their tickets); each one that does
+        not goes to ``on_error`` and counts as handled."""
+        import cloudpickle
+        keep: list[Any] = []
+        keep_ts: list[Ticket | None] = []
+        for i, x in enumerate(xs):
+            try:
+                cloudpickle.dumps(x)
+            except Exception as exc:
+                self.handle_error(x, exc)   # raises if the on_error callback does
+                if ts is not None:
+                    release([ts[i]])
+                continue
+            keep.append(x)
+            if ts is not None:
+                keep_ts.append(ts[i])
+        return keep, (keep_ts if ts is not None else None)
 
     def _done_callback(self, seq: int) -> Callable[[Any], None]:
         results = self.results
@@ -1210,6 +1243,14 @@ def _in_memory(stage: Stage) -> bool:
         return False
     data = stage.args[0]
     return isinstance(data, _MEMORY_TYPES)
+
+
+def _settled_future(result: Any) -> Any:
+    """A future that already holds ``result`` (a chunk with nothing left to run)."""
+    from concurrent.futures import Future
+    fut: Future[Any] = Future()
+    fut.set_result(result)
+    return fut
 
 
 def _first_unpicklable(xs: list[Any]) -> Any:
