@@ -113,7 +113,9 @@ class _Url:
             u.get_dialect()
         except Exception as exc:
             raise ValueError(f"{fn}: SQLAlchemy does not know the database in {self.shown!r}:"
-                             f" {self.scrub(str(exc))}") from None
+                             f" {self.scrub(str(exc))}. Check the URL's scheme (such as "
+                             "'postgresql+psycopg://') and that its driver is installed"
+                             ) from None
 
     def scrub(self, text: str) -> str:
         """``text`` with every secret of the URL masked."""
