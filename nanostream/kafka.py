@@ -67,7 +67,8 @@ POLL_RECORDS = 1000     # most messages one poll returns (option max_poll_record
 CHUNK = 256             # messages passed on and tracked together: their offsets are
                         # committed once all of them are handled
 
-_SECRET = re.compile(r"password|secret|token|sasl\.oauthbearer\.config|jaas", re.I)
+_SECRET = re.compile(r"password|secret|token|sasl\.oauthbearer\.config|jaas|key[._]pem",
+                     re.I)
 
 
 # -- records and codecs --------------------------------------------------------------------
@@ -226,6 +227,34 @@ def _check_kafka_python_options(fn: str, options: dict[str, Any], valid: Iterabl
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise TypeError(f"{fn}() got an unexpected keyword argument {key!r}{hint} (not a "
                             "nanostream option, nor a kafka-python client option)")
+    _check_choices(fn, options)
+
+
+# kafka-python options whose values are a fixed set: a wrong value is caught here, at
+# composition (kafka-python takes e.g. acks="most" and then never completes a send)
+_KAFKA_PYTHON_CHOICES: dict[str, tuple[Any, ...]] = {
+    "acks": (0, 1, -1, "all"),
+    "auto_offset_reset": ("earliest", "latest", "none"),
+    "security_protocol": ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+    "compression_type": (None, "gzip", "snappy", "lz4", "zstd"),
+    "isolation_level": ("read_uncommitted", "read_committed"),
+}
+
+_TOO_LARGE = re.compile(r"MessageSizeTooLarge|MSG_SIZE_TOO_LARGE|RecordListTooLarge")
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def _check_choices(fn: str, options: dict[str, Any]) -> None:
+    for key, allowed in _KAFKA_PYTHON_CHOICES.items():
+        if key in options and options[key] not in allowed:
+            raise ValueError(f"{fn}: {key} must be one of {', '.join(map(repr, allowed))}, got "
+                             f"{options[key]!r}")
+
+
+def _check_topic(fn: str, name: str) -> None:
+    if not _TOPIC_NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"{fn}: {name!r} is not a valid Kafka topic name (1 to 249 letters, "
+                         "digits, '.', '_' or '-')")
 
 
 # kafka-python names whose librdkafka name is not just the dotted form
@@ -297,14 +326,37 @@ def _wait_reachable(fn: str, bootstrap: Any, timeout: float) -> None:
             except OSError as exc:
                 last = exc
         if time.monotonic() >= deadline:
-            raise _unreachable(fn, bootstrap, timeout, last)
+            raise _unreachable(fn, bootstrap, timeout, last, tcp_ok=False)
         time.sleep(0.05)
 
 
-def _unreachable(fn: str, bootstrap: Any, timeout: float, exc: Any) -> ConnectionError:
+def _unreachable(fn: str, bootstrap: Any, timeout: float, exc: Any,
+                 tcp_ok: bool | None = None) -> ConnectionError:
+    """The error for a client that could not bootstrap. When a bootstrap server accepts
+    TCP connections (``tcp_ok``; probed when ``None``), the trouble is what is said
+    over them, not where: TLS, SASL or the port of another service."""
+    if tcp_ok is None:
+        tcp_ok = _accepts_connections(bootstrap)
+    if tcp_ok:
+        return ConnectionError(
+            f"{fn}: the broker at {bootstrap} accepts connections but the client could not "
+            f"talk Kafka with it within {timeout:g} s (connect_timeout): {exc}. Check "
+            "security_protocol and the SSL/SASL options (a TLS port needs "
+            "security_protocol='SSL' and the CA in ssl_cafile), and that the port is the "
+            "broker's")
     return ConnectionError(f"{fn}: cannot reach the Kafka broker at {bootstrap} within "
                            f"{timeout:g} s (connect_timeout): {exc}. Is it running, and is "
                            "bootstrap_servers right?")
+
+
+def _accepts_connections(bootstrap: Any) -> bool:
+    for address in _addresses(bootstrap):
+        try:
+            socket.create_connection(address, timeout=1.0).close()
+            return True
+        except OSError:
+            pass
+    return False
 
 
 def _check_seconds(fn: str, name: str, value: Any, allow_none: bool = False) -> None:
@@ -421,6 +473,7 @@ def kafka_source(topics: str | Iterable[str] | re.Pattern[str] | None = None, *,
     for t in names:
         if not isinstance(t, str) or not t:
             raise TypeError(f"{fn}: topic names must be non-empty strings, got {t!r}")
+        _check_topic(fn, t)
     if pattern is not None:
         if names:
             raise TypeError(f"{fn}: give topics or pattern, not both")
@@ -716,7 +769,9 @@ class _Reader:
     def bad(self, exc: Exception, raw: Any, topic: str, partition: int, offset: int) -> None:
         """An undecodable message: raises under on_error="raise", else it is skipped."""
         self.ctx.item_error(exc, item=raw,
-                            detail=f"topic {topic!r} partition {partition} offset {offset}")
+                            detail=f"topic {topic!r} partition {partition} offset {offset}; "
+                            "give the value_deserializer (or key_deserializer) that fits the "
+                            "data, or on_error='skip' to skip such messages")
 
     def idle(self, now: float) -> None:
         """No messages in the last poll: check the connection now and then."""
@@ -815,7 +870,9 @@ class _KafkaPythonReader(_Reader):
                     break
                 if time.monotonic() > deadline:
                     raise LookupError(f"kafka_source: topic {t!r} does not exist at "
-                                      f"{self.spec.bootstrap} (or has no partitions)")
+                                      f"{self.spec.bootstrap} (or has no partitions) after "
+                                      f"{self.spec.connect_timeout:g} s: check the name, or "
+                                      "create the topic first")
                 time.sleep(0.05)
             keys.extend((t, p) for p in sorted(found))
         return keys
@@ -1041,7 +1098,9 @@ class _ConfluentReader(_Reader):
                     break
                 if time.monotonic() > deadline:
                     raise LookupError(f"kafka_source: topic {t!r} does not exist at "
-                                      f"{self.spec.bootstrap} (or has no partitions)")
+                                      f"{self.spec.bootstrap} (or has no partitions) after "
+                                      f"{self.spec.connect_timeout:g} s: check the name, or "
+                                      "create the topic first")
                 time.sleep(0.05)
             keys.extend((t, p) for p in sorted(topic.partitions))
         return keys
@@ -1241,6 +1300,8 @@ def kafka_sink(topic: str | Callable[[Any], str], *,
     if not (callable(topic) or (isinstance(topic, str) and topic)):
         raise TypeError(f"{fn}: topic must be a topic name or a function of the item, got "
                         f"{topic!r}")
+    if isinstance(topic, str):
+        _check_topic(fn, topic)
     if key is not None and not callable(key):
         raise TypeError(f"{fn}: key must be a function of the item (e.g. key=lambda o: "
                         f"o['id']), got {type(key).__name__}")
@@ -1400,9 +1461,14 @@ class _Writer:
         failed = self.failed
         if failed is not None:
             item, exc = failed
-            raise StageError(self.name, item, exc, detail=(
-                f"Kafka did not take the message (delivery_timeout "
-                f"{self.spec.delivery_timeout:g} s)"))
+            if _TOO_LARGE.search(f"{type(exc).__name__} {exc}"):
+                detail = ("the message is larger than the producer or the broker takes: "
+                          "send smaller items, or raise max_request_size (kafka-python) or "
+                          "message.max.bytes (confluent) and the broker's and topic's limits")
+            else:
+                detail = (f"Kafka did not take the message (delivery_timeout "
+                          f"{self.spec.delivery_timeout:g} s)")
+            raise StageError(self.name, item, exc, detail=detail)
 
     def unsent(self, exc: BaseException | None, item: Any) -> StageError:
         """A flush that did not end: the broker acknowledged not all messages in time."""
