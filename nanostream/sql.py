@@ -204,6 +204,13 @@ class _SqliteDB:
         except sqlite3.Error as exc:
             raise ConnectionError(f"{fn}: cannot open the sqlite database {path!r}: {exc}"
                                   ) from exc
+        try:
+            self.conn.execute("PRAGMA schema_version")   # reads the file's header
+        except sqlite3.DatabaseError as exc:
+            self.conn.close()
+            raise ValueError(f"{fn}: {path!r} is not a sqlite database ({exc}); give the path "
+                             "of a sqlite file" + ("" if readonly else ", or a path that does "
+                                                   "not exist yet with create=True")) from exc
 
     # schema ----------------------------------------------------------------
 

@@ -572,5 +572,8 @@ def test_50_a_sqlite_table_file_that_is_not_a_database(tmp_path):
     p = tmp_path / "notes.db"
     p.write_text("these are notes, not a database\n" * 100)
     err = failure(_rows(1) | ns.sql_sink(p, "t"))
-    assert "not a database" in str(err)
-    assert p.read_text().startswith("these are notes")     # left as it was
+    assert f"{str(p)!r} is not a sqlite database (file is not a database); give the path " \
+           "of a sqlite file, or a path that does not exist yet with create=True" in str(err)
+    err = failure(ns.sql_source(p, "SELECT 1"))
+    assert f"{str(p)!r} is not a sqlite database" in str(err)
+    assert p.read_text() == "these are notes, not a database\n" * 100   # left as it was
