@@ -24,7 +24,6 @@ their topics explicitly with :func:`create_topic`, named by :func:`unique_topic`
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
 import ctypes
@@ -495,81 +494,97 @@ def _self_signed_cert(directory: Path) -> tuple[Path, Path]:
 class _TlsProxy:
     """Terminates TLS on a free port of 127.0.0.1 and relays bytes to ``upstream``.
 
-    Runs an asyncio loop in a daemon thread; one task pair per client connection.
+    Plain threads: one accepting, two per client connection (one each way). A client
+    whose handshake fails (no CA, plaintext) has its socket closed at once, so no
+    half-open TLS socket is left for the garbage collector to warn about.
     """
 
     def __init__(self, cert: Path, key: Path, upstream: tuple[str, int]) -> None:
         self._context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self._context.load_cert_chain(cert, key)
         self._upstream = upstream
-        self._loop = asyncio.new_event_loop()
-        self._started = threading.Event()
-        self._stopped = asyncio.Event()
-        self._error: BaseException | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self.port = 0
-        self._thread = threading.Thread(target=self._run, name="kafka-tls-proxy", daemon=True)
-        self._thread.start()
-        self._started.wait(10)
-        if self._error is not None or not self.port:
-            raise BrokerStartError(f"TLS proxy failed to start: {self._error!r}")
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        self._threads: list[threading.Thread] = []
+        self._closed = False
         try:
-            self._loop.run_until_complete(self._serve())
-        except BaseException as exc:  # reported through start-up or ignored at stop
-            self._error = exc
-            self._started.set()
-        finally:
-            self._loop.close()
+            self._listener = socket.create_server(("127.0.0.1", 0))
+        except OSError as exc:
+            raise BrokerStartError(f"TLS proxy failed to start: {exc!r}") from exc
+        self.port = int(self._listener.getsockname()[1])
+        self._spawn(self._accept, "kafka-tls-proxy")
 
-    async def _serve(self) -> None:
-        server = await asyncio.start_server(
-            self._handle, "127.0.0.1", 0, ssl=self._context, ssl_handshake_timeout=10
-        )
-        self.port = server.sockets[0].getsockname()[1]
-        self._started.set()
-        await self._stopped.wait()
-        server.close()
-        for writer in list(self._writers):  # ends both pipes of every connection
-            writer.transport.abort()
-        handlers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        if handlers:
-            await asyncio.wait(handlers, timeout=5)
-        await server.wait_closed()
+    def _spawn(self, target: Any, name: str, *args: Any) -> None:
+        t = threading.Thread(target=target, args=args, name=name, daemon=True)
+        with self._lock:
+            self._threads = [x for x in self._threads if x.is_alive()]
+            self._threads.append(t)
+        t.start()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
+    def _track(self, sock: socket.socket) -> bool:
+        with self._lock:
+            if self._closed:
+                return False
+            self._sockets.add(sock)
+            return True
+
+    def _close(self, *socks: socket.socket) -> None:
+        for sock in socks:
+            with self._lock:
+                self._sockets.discard(sock)
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                raw, _ = self._listener.accept()
+            except OSError:
+                return   # the listener was closed
+            if not self._track(raw):
+                raw.close()
+                return
+            self._spawn(self._serve, "kafka-tls-proxy-conn", raw)
+
+    def _serve(self, raw: socket.socket) -> None:
         try:
-            up_reader, up_writer = await asyncio.open_connection(*self._upstream)
-        except OSError:
-            self._writers.discard(writer)
-            writer.transport.abort()
+            raw.settimeout(10)
+            client = self._context.wrap_socket(raw, server_side=True)
+            client.settimeout(None)
+        except (OSError, ssl.SSLError):
+            self._close(raw)   # a failed handshake: the client learns it at once
             return
-        self._writers.add(up_writer)
+        self._track(client)
+        with self._lock:
+            self._sockets.discard(raw)
         try:
-            await asyncio.gather(
-                self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
-            )
-        finally:
-            self._writers.difference_update((writer, up_writer))
+            upstream = socket.create_connection(self._upstream, timeout=10)
+            upstream.settimeout(None)
+        except OSError:
+            self._close(client)
+            return
+        if not self._track(upstream):
+            self._close(client, upstream)
+            return
+        self._spawn(self._pipe, "kafka-tls-proxy-up", client, upstream)
+        self._pipe(upstream, client)
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
-            while data := await reader.read(256 * 1024):
-                writer.write(data)
-                await writer.drain()
+            while data := src.recv(256 * 1024):
+                dst.sendall(data)
         except (OSError, ssl.SSLError):
             pass
         finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            self._close(src, dst)
 
     def stop(self) -> None:
-        if self._thread.is_alive():
-            with contextlib.suppress(RuntimeError):  # loop already closed
-                self._loop.call_soon_threadsafe(self._stopped.set)
-            self._thread.join(10)
+        with self._lock:
+            self._closed = True
+            socks = list(self._sockets)
+            threads = list(self._threads)
+        self._listener.close()
+        self._close(*socks)
+        for t in threads:
+            t.join(10)
