@@ -1305,6 +1305,7 @@ class Run:
         self._abort_event = threading.Event()
         self._done = threading.Event()
         self._alive = 0
+        self._held = False   # the iterating loop counts as a thread (see start())
         self._wakeables: list[Any] = []
         self._checked_in: set[threading.Thread] = set()
         self._abandoned: set[threading.Thread] = set()
@@ -1425,7 +1426,11 @@ class Run:
             self._done.set()
             raise
         threads = [t for r in self.runners for t in r.threads]
-        self._alive = len(threads)
+        # iterating tracked items, the consumer's loop counts as one more thread: the run
+        # (and its run-end callbacks, such as Kafka's final commit) ends only once the
+        # loop has taken every item, so the last items' offsets are committed too
+        self._held = bool(self._collect and self._collect_tracked)
+        self._alive = len(threads) + self._held
         with _RUNS_LOCK:
             _RUNS.add(self)
         try:
@@ -1454,6 +1459,14 @@ class Run:
                 return False
             self._checked_in.add(t)
             return True
+
+    def _release_hold(self) -> None:
+        """The iterating loop is done with the run (it took every item, left, or the
+        run is being stopped): it no longer counts as one of the run's threads."""
+        with self._lock:
+            held, self._held = self._held, False
+        if held:
+            self._thread_done()
 
     def _thread_done(self) -> None:
         with self._lock:
@@ -1487,6 +1500,7 @@ class Run:
             self._aborted_at = time.monotonic()
         for r in self.runners:
             r.stop_requested = True
+        self._release_hold()
         for w in list(self._wakeables):
             w.abort()
         for r in self.runners:
@@ -1556,6 +1570,7 @@ class Run:
         _check_timeout("stop", timeout)
         if self._done.is_set():
             return
+        self._release_hold()   # what the loop has not taken yet is not handled
         if self._in_own_thread():
             # called by one of the run's own stages, which cannot wait for itself
             # to end: ask for the stop and let the run end as the stage returns
@@ -1655,8 +1670,10 @@ class Run:
                         release([t])
                 else:
                     yield from batch
+            self._release_hold()
             self.join()
         finally:
+            self._release_hold()
             if self._started and not self._done.is_set():
                 self.stop(drain=False)
 

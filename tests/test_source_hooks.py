@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import pytest
 
@@ -91,3 +92,52 @@ def test_a_failing_callback_is_logged_not_raised(caplog):
         assert list(src) == [0, 1, 2]
     assert "run-end callback" in caplog.text
     assert "ZeroDivisionError" in caplog.text
+
+
+def done_source(n, log):
+    """A tracked source: each item's on_done logs ("done", x); its run-end hook logs
+    ("end",) (what Kafka's final commit does: commit what is done by then)."""
+
+    def gen(ctx=None):
+        ctx.on_run_end(lambda: log.append(("end",)))
+        for x in range(n):
+            yield x, (lambda x=x: log.append(("done", x)))
+
+    return Stage(gen, SOURCE, {"name": "done-source", "track": True},
+                 internal={"context": True})
+
+
+@pytest.mark.parametrize("shape", ["source alone", "through a transform"])
+def test_iterating_a_tracked_source_ends_the_run_after_the_loop_took_every_item(shape):
+    """The loop counts as a stage of the run: the run-end hook (Kafka's final commit)
+    sees every item the loop took as done, even the last ones."""
+    log: list = []
+    p = done_source(50, log) if shape == "source alone" else (
+        done_source(50, log) | transform(lambda x: x))
+    assert list(p) == list(range(50))
+    assert log[-1] == ("end",)
+    assert sorted(log[:-1]) == [("done", x) for x in range(50)]
+
+
+def test_breaking_out_of_the_loop_ends_the_run_with_what_the_loop_finished():
+    log: list = []
+    for x in done_source(10**6, log) | transform(lambda x: x):
+        if x == 20:
+            break
+    assert log[-1] == ("end",)
+    done = {e[1] for e in log if e[0] == "done"}
+    assert set(range(20)) <= done        # every item the loop finished with
+    assert 20 not in done                # not the one it broke out on: it is re-delivered
+
+
+def test_stopping_a_suspended_iteration_does_not_wait_for_the_loop():
+    log: list = []
+    it = iter(done_source(10**6, log) | transform(lambda x: x))
+    assert next(it) == 0
+    (run,) = ns.running()
+    t0 = time.monotonic()
+    ns.stop_all()
+    assert run.join(timeout=10)
+    assert time.monotonic() - t0 < 4
+    assert log[-1] == ("end",)
+    it.close()
