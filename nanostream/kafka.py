@@ -359,6 +359,14 @@ def _accepts_connections(bootstrap: Any) -> bool:
     return False
 
 
+def _check_bootstrap(fn: str, bootstrap: Any) -> None:
+    servers = [bootstrap] if isinstance(bootstrap, str) else bootstrap
+    if not isinstance(servers, (list, tuple)) or not servers or not all(
+            isinstance(s, str) and s.strip() for s in servers):
+        raise TypeError(f"{fn}: bootstrap_servers must be 'host:port' (several separated by "
+                        f"commas) or a list of them, got {bootstrap!r}")
+
+
 def _check_seconds(fn: str, name: str, value: Any, allow_none: bool = False) -> None:
     _io.check_number(fn, name, value, allow_none=allow_none)
 
@@ -456,6 +464,7 @@ def kafka_source(topics: str | Iterable[str] | re.Pattern[str] | None = None, *,
     fn = "kafka_source"
     stage_options, client_options = _split_options(fn, options)
     _check_client(fn, client)
+    _check_bootstrap(fn, bootstrap_servers)
     if isinstance(topics, re.Pattern):
         if pattern is not None:
             raise TypeError(f"{fn}: give a pattern either as topics or as pattern=, not both")
@@ -1297,6 +1306,7 @@ def kafka_sink(topic: str | Callable[[Any], str], *,
     fn = "kafka_sink"
     stage_options, client_options = _split_options(fn, options)
     _check_client(fn, client)
+    _check_bootstrap(fn, bootstrap_servers)
     if not (callable(topic) or (isinstance(topic, str) and topic)):
         raise TypeError(f"{fn}: topic must be a topic name or a function of the item, got "
                         f"{topic!r}")
@@ -1335,13 +1345,21 @@ def _headers(h: Any) -> list[tuple[str, bytes | None]] | None:
     if h is None:
         return None
     pairs = h.items() if isinstance(h, Mapping) else h
-    out = []
+    out: list[tuple[str, bytes | None]] = []
     for pair in pairs:
         name, value = pair
         if not isinstance(name, str):
-            raise TypeError(f"header names must be str, got {name!r}")
-        out.append((name, value.encode() if isinstance(value, str) else
-                    None if value is None else bytes(value)))
+            raise TypeError(f"kafka_sink: header names must be str, got {name!r}")
+        if isinstance(value, str):
+            out.append((name, value.encode()))
+        elif value is None or type(value) is bytes:
+            out.append((name, value))
+        elif isinstance(value, (bytes, bytearray, memoryview)):
+            out.append((name, bytes(value)))
+        else:   # bytes(5) would be five zero bytes, not "5"
+            raise TypeError(f"kafka_sink: header values must be str, bytes or None, got "
+                            f"{type(value).__name__} {repr_short(value)} for {name!r}; "
+                            "convert it, e.g. str(value)")
     return out
 
 
