@@ -351,6 +351,33 @@ def test_28_a_kafka_item_that_cannot_be_serialized(kafka_broker, make_topic, cli
     assert [json.loads(r.value) for r in read_all(kafka_broker.bootstrap, topic)] == [{"x": 1}]
 
 
+@kafka
+@pytest.mark.parametrize("client", CLIENTS)
+def test_51_bootstrap_servers_of_the_wrong_type(client):
+    for bad in (9092, "", ["127.0.0.1:9092", 9093]):
+        with pytest.raises(TypeError, match="bootstrap_servers must be 'host:port' .*or a list "
+                                            "of them"):
+            kafka_source("t", bootstrap_servers=bad, client=client)
+        with pytest.raises(TypeError, match="bootstrap_servers must be"):
+            kafka_sink("t", bootstrap_servers=bad, client=client)
+
+
+@kafka
+@pytest.mark.parametrize("client", CLIENTS)
+def test_52_a_kafka_header_value_that_is_not_text_or_bytes(kafka_broker, make_topic, client):
+    with pytest.raises(TypeError, match=r"header values must be str, bytes or None, got int 5 "
+                                        r"for 'n'; convert it, e.g. str\(value\)"):
+        kafka_sink("t", headers={"n": 5}, client=client)
+    topic = make_topic(1)
+    err = failure([{"n": "1"}, {"n": 2}]
+                  | kafka_sink(topic, bootstrap_servers=kafka_broker.bootstrap, client=client,
+                               headers=lambda o: {"n": o["n"]}))
+    assert err.item == {"n": 2}
+    assert "header values must be str, bytes or None, got int 2" in str(err)
+    # not five zero bytes: the bad item is not sent at all
+    assert [r.headers for r in read_all(kafka_broker.bootstrap, topic)] == [[("n", b"1")]]
+
+
 # == SQL =======================================================================================
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
