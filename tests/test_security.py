@@ -269,6 +269,12 @@ def test_kafka_passwords_never_show_when_authentication_fails(kafka_broker, capl
             assert "accepts connections but the client could not talk Kafka" in str(err)
             assert "security_protocol and the SSL/SASL options" in str(err)
             texts += [*_texts_of_error(err), str(run.stats()), repr(run), repr(pipeline)]
+        nowhere = f"127.0.0.1:{_free_port()}"    # and a broker that is not there at all
+        with pytest.raises(ns.StageError, match="cannot reach the Kafka broker") as info:
+            ([1] | kafka_sink("t", bootstrap_servers=nowhere, client=client, connect_timeout=1,
+                              security_protocol="SASL_PLAINTEXT",
+                              **_sasl_options(client))).run(timeout=DEADLINE)
+        texts += _texts_of_error(info.value)
         gc.collect()   # kafka-python's leaked sockets warn here, into the record
     _assert_hidden([*texts, caplog.text, *(str(w.message) for w in caught)])
 
@@ -319,6 +325,13 @@ def test_database_passwords_never_show(caplog):
     finally:
         pg.impl.close(pg.tables)
     _assert_hidden(texts)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 # == TLS to Kafka =============================================================================
