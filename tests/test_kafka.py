@@ -391,7 +391,12 @@ def test_failure_mid_stream_then_restart_loses_nothing(kafka_broker, kafka_topic
     commits = committed(bootstrap, group, kafka_topic)
     both = set(first_a.seen) & set(first_b.seen)
     assert_commits_cover_only_handled(commits, both, kafka_topic)
-    assert sum(c or 0 for c in commits.values()) > 0, "the first run committed nothing"
+    # No floor on the first run's commits: out-of-order workers let later messages
+    # finish first, and a crash while the first messages of every partition are still
+    # in flight in one branch legitimately commits nothing (seen on a loaded machine:
+    # 444 messages handled by both branches, none of them a partition's offset 0). The
+    # checks that matter hold either way: nothing committed was unhandled (above), and
+    # the restart re-delivers exactly what was not committed (below).
 
     second_a, second_b = Handled(), Handled()
     pipeline(second_a, second_b, None, stop_at_end=True).run(timeout=DEADLINE)
