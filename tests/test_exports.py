@@ -42,11 +42,15 @@ def test_connector_namespaces():
 
 
 def test_import_is_light_and_lazy():
-    code = ("import sys, time; t = time.perf_counter(); import nanostream; "
-            "print(time.perf_counter() - t); "
+    """``import nanostream`` loads no optional dependency and no heavy part of the
+    standard library. Counted in modules, not timed: a timing fails on a loaded box
+    (the import takes ~40 ms on an idle machine; the count is 76 today)."""
+    code = ("import sys; before = set(sys.modules); import nanostream; "
+            "print(len(set(sys.modules) - before)); "
             "print(sorted(m for m in ('kafka', 'confluent_kafka', 'sqlalchemy', 'distributed', "
-            "'dask', 'tqdm', 'asyncio', 'sqlite3') if m in sys.modules))")
+            "'dask', 'tqdm', 'asyncio', 'sqlite3', 'cloudpickle', 'multiprocessing', "
+            "'email', 'http', 'ssl', 'socket') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True).stdout.split("\n")
-    assert out[1] == "[]", f"import nanostream imported optional modules: {out[1]}"
-    assert float(out[0]) < 0.5  # < 100 ms on an idle machine; generous for a loaded CI box
+    assert out[1] == "[]", f"import nanostream imported optional or heavy modules: {out[1]}"
+    assert int(out[0]) < 110, f"import nanostream loads {out[0]} modules (76 when written)"
