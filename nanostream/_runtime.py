@@ -164,7 +164,10 @@ class SourceContext:
 
     def emit(self, items: list[Any], on_done: Callable[[], object] | None = None) -> bool:
         """Pass a chunk of items on at once (a source that reads in chunks, such as
-        Kafka's polls, calls this and returns an empty iterable).
+        Kafka's polls, calls this and returns an empty iterable). A source with
+        ``internal={"chunks": True}`` promises to emit only so; a single-worker
+        stage after it then runs in the source's thread (fused, called with each
+        chunk), like the hand-written poll-process loop.
 
         In a tracked run (``track=True``) the whole chunk travels under ONE ticket
         that counts its items down: ``on_done()`` runs once every item of the chunk,
@@ -185,6 +188,16 @@ class SourceContext:
             r.emit(items)
         r.items_out += len(items)
         return not (r.stop_requested or r.run._aborted or r.dead())
+
+    def idle(self) -> None:
+        """A chunk source calls this when it has had nothing to emit for a while (an
+        empty poll): the stages running in its thread get their idle tick (a writer
+        sink settles what it has sent)."""
+        nxt = getattr(self._runner, "fused_next", None)
+        if nxt is not None:
+            for r in nxt._chain():
+                if isinstance(r, _WriterRunner):
+                    r.tick()
 
     def item_error(self, exc: BaseException, item: Any = None, detail: str | None = None) -> None:
         """Apply ``on_error`` to an error tied to one item the source could not produce.
@@ -351,7 +364,17 @@ class _SourceRunner(_Runner):
         if self.fused_next is not None:
             self.emit = self.fused_next.handle
         if self.read_by is None:
-            self.spawn(self._body)
+            self.spawn(self._body_chunks if self.stage.internal.get("chunks")
+                       and self.fused_next is not None else self._body)
+
+    def _body_chunks(self) -> None:
+        """A chunk source with stages fused after it: the writer sinks among them
+        are opened in this thread first (a bad address fails the run at once)."""
+        assert self.fused_next is not None
+        for r in self.fused_next._chain():
+            if isinstance(r, _WriterRunner):
+                r.open()
+        self._body()
 
     def dead(self) -> bool:
         nxt = self.fused_next
@@ -798,6 +821,8 @@ class _WriterRunner(_SingleRunner):
             self._guard(self.writer.tick)
 
     def finish(self) -> None:
+        if self.run._aborted:
+            return   # abandoned: the run-end callback closes the writer as failed
         if self.writer is None:
             self.open()   # no items came: still connect, so a bad address fails the run
         if not self.closed:
@@ -1553,6 +1578,14 @@ class Run:
                         and isinstance(runners[preds[0]], _SourceRunner)
                         and len(succ[preds[0]]) == 1 and _in_memory(preds[0].stage)):
                     # in-memory data never blocks: read it in the first stage's thread
+                    src = runners[preds[0]]
+                    assert isinstance(src, _SourceRunner)
+                    src.fused_next, r.fused_prev = r, src  # type: ignore[assignment]
+                elif (isinstance(r, _SingleRunner) and len(preds) == 1
+                        and isinstance(runners[preds[0]], _SourceRunner)
+                        and len(succ[preds[0]]) == 1 and preds[0].stage.internal.get("chunks")
+                        and not (self._collect and preds[0] is ends[0])):
+                    # a chunk source: its chunks go straight into the next stage's code
                     src = runners[preds[0]]
                     assert isinstance(src, _SourceRunner)
                     src.fused_next, r.fused_prev = r, src  # type: ignore[assignment]

@@ -532,7 +532,7 @@ def kafka_source(topics: str | Iterable[str] | re.Pattern[str] | None = None, *,
                        else float(reconnect_timeout),
                        options=client_options)
     return Stage(_kafka_source, SOURCE, {**stage_options, "track": group_id is not None},
-                 args=(spec,), internal={"context": True}, bound=True)
+                 args=(spec,), internal={"context": True, "chunks": True}, bound=True)
 
 
 def _check_partitions(fn: str, names: tuple[str, ...], pattern: str | None,
@@ -662,10 +662,16 @@ def _records_confluent(message: Any, part: list[Any], vdec: Callable[[bytes], An
     topics = list(map(message.topic, part))
     partitions = list(map(message.partition, part))
     offsets = list(map(message.offset, part))
-    where = list(zip(topics, partitions, strict=False))
     # a partition's messages come in offset order, and a dict keeps the last value given
-    lasts = dict(zip(where, offsets, strict=False))
-    firsts = dict(zip(reversed(where), reversed(offsets), strict=False))
+    topic = topics[0]
+    if topics.count(topic) == len(topics):   # one topic (no (topic, partition) per message)
+        lasts = {(topic, p): o for p, o in dict(zip(partitions, offsets, strict=False)).items()}
+        firsts = {(topic, p): o for p, o in dict(zip(
+            reversed(partitions), reversed(offsets), strict=False)).items()}
+    else:
+        where = list(zip(topics, partitions, strict=False))
+        lasts = dict(zip(where, offsets, strict=False))
+        firsts = dict(zip(reversed(where), reversed(offsets), strict=False))
     if not meta:
         return values, firsts, lasts
     stamps = list(map(message.timestamp, part))   # (type, timestamp) pairs
@@ -858,7 +864,10 @@ class _Reader:
                             "data, or on_error='skip' to skip such messages")
 
     def idle(self, now: float) -> None:
-        """No messages in the last poll: check the connection now and then."""
+        """No messages in the last poll: let the stages fused into this thread settle
+        (a kafka_sink waits for its acknowledgements), check the connection now and
+        then."""
+        self.ctx.idle()
         if now < self.next_probe:
             return
         self.next_probe = now + PROBE_EVERY
@@ -1722,8 +1731,9 @@ class _ConfluentWriter(_Writer):
             raise _unreachable("kafka_sink", spec.bootstrap, spec.connect_timeout,
                                exc.args[0].str() if exc.args else exc) from None
         self.producer = producer
-        self.values: list[Any] = []   # the value of each message of the round...
-        self.items: list[Any] = []    # ... and its item (to name it in a delivery error)
+        # the round's messages as (values, items) lists, to name the item of a
+        # delivery error (kept per batch: nothing per message)
+        self.sent: list[tuple[list[Any], list[Any]]] = []
         self.whole = isinstance(spec.topic, str) and spec.headers is None
 
     def send(self, items: list[Any]) -> None:
@@ -1769,14 +1779,15 @@ class _ConfluentWriter(_Writer):
                 self.failure(items[at], exc)
                 self.check()
             start = at + 1
-        self.values.extend(values)
-        self.items.extend(items)
+        self.sent.append((values, items))
         return True
 
     def _send_each(self, items: list[Any]) -> None:
         encode = self.encode
         produce = self.producer.produce
-        values, sent = self.values, self.items
+        values: list[Any] = []
+        sent: list[Any] = []
+        self.sent.append((values, sent))
         for item in items:
             try:
                 topic, value, key, headers = encode(item)
@@ -1815,8 +1826,8 @@ class _ConfluentWriter(_Writer):
         if err is None:
             return
         value = msg.value()
-        item = next((it for v, it in zip(self.values, self.items, strict=False) if v == value),
-                    value)
+        item = next((it for values, items in self.sent
+                     for v, it in zip(values, items, strict=False) if v == value), value)
         self.failure(item, self.ck.KafkaException(err))
 
     def idle(self) -> None:
@@ -1827,8 +1838,8 @@ class _ConfluentWriter(_Writer):
         left = self.producer.flush(self.spec.delivery_timeout + 5)
         self.check()
         if left:
-            raise self.unsent(None, self.items[0] if self.items else None)
-        self.values, self.items = [], []
+            raise self.unsent(None, next((items[0] for _, items in self.sent if items), None))
+        self.sent = []
 
     def shutdown(self, ok: bool) -> None:
         producer = self.producer

@@ -552,6 +552,41 @@ def test_two_processes_in_one_group_split_the_partitions(kafka_broker, make_topi
 
 
 @pytest.mark.parametrize("client", CLIENTS)
+def test_stop_at_end_ends_a_group_member_given_no_partition(kafka_broker, make_topic, client):
+    """More members than partitions: the member the group gives nothing ends at once
+    under stop_at_end=True (it used to wait forever for an assignment)."""
+    bootstrap = kafka_broker.bootstrap
+    topic = make_topic(1)
+    produce(bootstrap, topic, [{"i": i} for i in range(5)], partitions=1)
+    group = unique_topic("spare")
+    # the range assignor gives the one partition to the first member id in sort order
+    holder = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=group,
+                           client_id="aaa-holder", enable_auto_commit=False,
+                           auto_offset_reset="earliest", **kafka_broker.group_options())
+    stop = threading.Event()
+
+    def keep_polling():   # the holder stays in the group (and rejoins on the rebalance)
+        while not stop.is_set():
+            holder.poll(timeout_ms=50)
+
+    poller = threading.Thread(target=keep_polling, daemon=True)
+    try:
+        wait_for(lambda: holder.poll(timeout_ms=50) is not None and holder.assignment(),
+                 "the first member to get the partition")
+        poller.start()
+        got = list(kafka_source(topic, bootstrap_servers=bootstrap, group_id=group,
+                                client=client, client_id="zzz-spare", stop_at_end=True,
+                                auto_offset_reset="earliest",
+                                **kafka_broker.group_options(client)))
+        assert got == []
+    finally:
+        stop.set()
+        if poller.is_alive():
+            poller.join(timeout=DEADLINE)
+        holder.close()
+
+
+@pytest.mark.parametrize("client", CLIENTS)
 def test_rebalance_mid_stream_commits_what_is_done_and_loses_nothing(kafka_broker, kafka_topic,
                                                                      client, caplog):
     """A second member joins while the first has messages in flight: the first commits
