@@ -62,8 +62,9 @@ PROBE_EVERY = 1.0       # seconds between connection checks of an idle source
 CLOSE_SECONDS = 3.0     # bound on the final commit and close after the run (an abort's
                         # grace period is 5 s)
 TICK_EVERY = 0.1        # an idle sink checks for delivery errors this often
-ACK_EVERY = 5000        # a sink waits for the broker's acks after this many messages...
-ACK_INTERVAL = 0.05     # ...or this many seconds after the first unacknowledged one
+ACK_EVERY = 10_000      # a sink waits for the broker's acks after this many messages...
+ACK_INTERVAL = 0.1      # ...or this many seconds after the first unacknowledged one (each
+                        # wait stops the thread: the source's too when the sink is fused)
 POLL_RECORDS = 1000     # most messages one poll returns (option max_poll_records): about a
                         # queue's worth; a poll's messages must leave within max_poll_interval
 CHUNK = 256             # messages passed on and tracked together: their offsets are
@@ -593,7 +594,6 @@ def _kafka_source(spec: _SourceSpec, ctx: Any = None) -> tuple[()]:
 # does not decode: that loop names it or skips it under on_error).
 
 _is_none = functools.partial(operator.is_, None)
-_first = operator.itemgetter(0)
 _second = operator.itemgetter(1)
 
 
@@ -674,11 +674,11 @@ def _records_confluent(message: Any, part: list[Any], vdec: Callable[[bytes], An
         firsts = dict(zip(reversed(where), reversed(offsets), strict=False))
     if not meta:
         return values, firsts, lasts
-    stamps = list(map(message.timestamp, part))   # (type, timestamp) pairs
-    if no_time in set(map(_first, stamps)):
-        times: list[Any] = [ts if kind != no_time else None for kind, ts in stamps]
-    else:
-        times = list(map(_second, stamps))
+    # timestamp() gives (type, milliseconds); without one (type no_time) the
+    # milliseconds are negative: look at the types only then
+    times: list[Any] = list(map(_second, map(message.timestamp, part)))
+    if min(times) < 0:
+        times = [ts if kind != no_time else None for kind, ts in map(message.timestamp, part)]
     headers = list(map(message.headers, part))
     n = len(part)
     if headers.count(None) == n:   # no headers at all: an empty list for each
