@@ -40,6 +40,8 @@ class Journal:
         self.ticks = 0
         self.done_at: dict[int, list[Any]] = {}  # chunk -> what was acknowledged when it was done
         self.chunk_done = threading.Event()
+        self.want_written = 1 << 30       # written_enough is set once this many are written
+        self.written_enough = threading.Event()
         self.ack_on_tick = True           # tick() acknowledges what was written
         self.fail_on: Any = object()      # write() raises on this item
         self.bad: Any = object()          # write() reports this item through ctx.item_error
@@ -67,6 +69,8 @@ class Writer:
                 continue
             with j.lock:
                 j.written.append(x)
+                if len(j.written) >= j.want_written:
+                    j.written_enough.set()
             self.pending.append(x)
             if tokens is not None:
                 self.tokens.append(tokens[i])
@@ -257,11 +261,12 @@ def test_on_error_skip_applies_to_what_the_writer_reports():
 def test_stop_with_drain_closes_the_writer_and_acknowledges_what_was_written():
     j = Journal(settle_every=0)   # acknowledges on close only
     j.ack_on_tick = False
+    j.want_written = 10
     hold = threading.Event()
     run = (chunk_source(chunks_of(2, 5), j, hold=hold) | ns.transform(lambda x: x)
            | writer_sink(j)).start()
     try:
-        _wait_written(j, 10)
+        assert j.written_enough.wait(TIMEOUT)
         run.stop(drain=True)
         assert run.join(timeout=TIMEOUT)
     finally:
@@ -274,11 +279,12 @@ def test_stop_with_drain_closes_the_writer_and_acknowledges_what_was_written():
 def test_stop_without_drain_abandons_what_was_not_acknowledged():
     j = Journal(settle_every=0)   # acknowledges on close only
     j.ack_on_tick = False
+    j.want_written = 10
     hold = threading.Event()
     run = (chunk_source(chunks_of(2, 5), j, hold=hold) | ns.transform(lambda x: x)
            | writer_sink(j)).start()
     try:
-        _wait_written(j, 10)
+        assert j.written_enough.wait(TIMEOUT)
         run.stop(drain=False)
         run.join(timeout=TIMEOUT)
     finally:
@@ -348,16 +354,3 @@ def test_every_shape_unfused_too(monkeypatch):
     assert sum(len(b) for b in j.acked) == 2 * 44
     assert_done_after_acked(j, len(chunks))
 
-
-def _wait_written(j: Journal, n: int) -> None:
-    """Wait until the writer has written ``n`` items (a condition, not a sleep)."""
-    done = threading.Event()
-
-    def check():
-        with j.lock:
-            return len(j.written) >= n
-    for _ in range(int(TIMEOUT / 0.005)):
-        if check():
-            return
-        done.wait(0.005)
-    raise AssertionError(f"the writer wrote {len(j.written)} of {n} items")
