@@ -17,7 +17,7 @@ from ._errors import StageError
 from ._pool import AsyncPool, ProcessPool, TaskSpec, ThreadPool, bind, run_chunk
 from ._report import Report, StageStats
 from ._stage import SINK, SOURCE, Stage, repr_short
-from ._tracking import Ticket, group, release, retain
+from ._tracking import Ticket, group, release, release_all, retain
 
 if TYPE_CHECKING:
     from ._graph import Node, Pipeline
@@ -161,6 +161,43 @@ class SourceContext:
         be using the resource).
         """
         self._runner.run._on_end.append(callback)
+
+    def emit(self, items: list[Any], on_done: Callable[[], object] | None = None) -> bool:
+        """Pass a chunk of items on at once (a source that reads in chunks, such as
+        Kafka's polls, calls this and returns an empty iterable). A source with
+        ``internal={"chunks": True}`` promises to emit only so; a single-worker
+        stage after it then runs in the source's thread (fused, called with each
+        chunk), like the hand-written poll-process loop.
+
+        In a tracked run (``track=True``) the whole chunk travels under ONE ticket
+        that counts its items down: ``on_done()`` runs once every item of the chunk,
+        and all that was derived from them, is handled (an empty chunk is done at
+        once). Tracking then costs per chunk, not per item. Blocks while the stages
+        after the source are full; returns False once the pipeline wants no more
+        items (a stop was requested, the run aborted, or nothing downstream takes
+        them).
+        """
+        r = self._runner
+        if r.tracked:
+            if items:
+                ticket = Ticket(on_done, len(items)) if on_done is not None else None
+                r.emit(list(zip(items, repeat(ticket))))
+            elif on_done is not None:
+                on_done()
+        elif items:
+            r.emit(items)
+        r.items_out += len(items)
+        return not (r.stop_requested or r.run._aborted or r.dead())
+
+    def idle(self) -> None:
+        """A chunk source calls this when it has had nothing to emit for a while (an
+        empty poll): the stages running in its thread get their idle tick (a writer
+        sink settles what it has sent)."""
+        nxt = getattr(self._runner, "fused_next", None)
+        if nxt is not None:
+            for r in nxt._chain():
+                if isinstance(r, _WriterRunner):
+                    r.tick()
 
     def item_error(self, exc: BaseException, item: Any = None, detail: str | None = None) -> None:
         """Apply ``on_error`` to an error tied to one item the source could not produce.
@@ -327,7 +364,17 @@ class _SourceRunner(_Runner):
         if self.fused_next is not None:
             self.emit = self.fused_next.handle
         if self.read_by is None:
-            self.spawn(self._body)
+            self.spawn(self._body_chunks if self.stage.internal.get("chunks")
+                       and self.fused_next is not None else self._body)
+
+    def _body_chunks(self) -> None:
+        """A chunk source with stages fused after it: the writer sinks among them
+        are opened in this thread first (a bad address fails the run at once)."""
+        assert self.fused_next is not None
+        for r in self.fused_next._chain():
+            if isinstance(r, _WriterRunner):
+                r.open()
+        self._body()
 
     def dead(self) -> bool:
         nxt = self.fused_next
@@ -468,7 +515,51 @@ class _SingleRunner(_Runner):
         if self.fused_next is not None:
             self.emit = self.fused_next.handle
         if self.fused_prev is None:
-            self.spawn(self._body)
+            self.spawn(self._chain_body())
+
+    def _chain(self) -> Iterator[_SingleRunner]:
+        """This stage and the stages fused after it (run in this stage's thread)."""
+        r: _SingleRunner | None = self
+        while r is not None:
+            yield r
+            r = r.fused_next
+
+    def _chain_body(self) -> Callable[[], None]:
+        """The thread body for this stage's fused chain: one with writer sinks in it
+        needs them opened and ticked (see :class:`_WriterRunner`)."""
+        if any(isinstance(r, _WriterRunner) for r in self._chain()):
+            return self._body_writing
+        return self._body
+
+    def _body_writing(self) -> None:
+        """``_body`` for a fused chain that holds writer sinks: they are opened in this
+        thread first, and ticked whenever no input came for their tick interval."""
+        writers = [r for r in self._chain() if isinstance(r, _WriterRunner)]
+        for w in writers:
+            w.open()
+        tick = min(w.tick_every for w in writers)
+        get = self.inp.get  # type: ignore[union-attr]
+        handle = self.handle
+        perf = time.perf_counter
+        limit = 16
+        while True:
+            batch = get(limit, tick)
+            if batch is None:
+                break
+            if not batch:
+                for r in self._chain():   # (a writer may have split off since)
+                    if isinstance(r, _WriterRunner):
+                        r.tick()
+                continue
+            t0 = perf()
+            handle(batch)
+            per_item = (perf() - t0) / len(batch)
+            want = int(BATCH_SECONDS / per_item) if per_item > 0 else BATCH
+            limit = max(1, min(BATCH, want, 2 * limit))
+            if self.dead():
+                self.inp.discard()  # type: ignore[union-attr]
+                break
+        self.finish()
 
     def _body(self) -> None:
         get = self.inp.get  # type: ignore[union-attr]
@@ -516,7 +607,7 @@ class _SingleRunner(_Runner):
         self.fused_next = None
         nxt.fused_prev = None
         self.setup_emit()
-        nxt.spawn(nxt._body)
+        nxt.spawn(nxt._chain_body())
         with self.run._lock:
             self.run._alive += 1
         nxt.threads[-1].start()
@@ -654,6 +745,100 @@ class _SingleRunner(_Runner):
         finally:
             release(done)
         return out
+
+
+# -- writer sinks -----------------------------------------------------------------
+
+class _WriterRunner(_SingleRunner):
+    """A sink whose stage has ``internal={"writer": open_writer}`` (``kafka_sink``).
+
+    ``open_writer(done, ctx=..., **kwargs)`` returns a writer with
+    ``write(items, tokens)``, ``tick()`` and ``close(ok)``. ``tokens`` are the
+    items' completion tickets (``None`` when the run tracks nothing); the writer
+    calls ``done(tokens)`` once those items are handled (e.g. acknowledged by a
+    broker), in any thread. ``tick()`` runs whenever no input came for
+    ``internal["tick"]`` seconds; ``close(True)`` at the end of the stream
+    (everything written must be done by then; it releases its resources even when
+    it raises), ``close(False)`` after a failure or an abort (what was not done is
+    abandoned).
+
+    The writer runs where a single-worker sink would: fused into the upstream
+    stage's thread (called with each output batch; no queue, no thread hop), or in
+    a thread of its own after a source, a pool or a fan-out. Its errors are
+    StageErrors naming the sink, wherever it runs.
+    """
+
+    kind = "writer"
+    writer: Any = None
+    closed = False
+
+    def start(self) -> None:
+        self.setup_emit()
+        self.process = self._write
+        self.tick_every = float(self.stage.internal.get("tick") or 0.1)
+        if self.fused_prev is None:
+            self.spawn(self._chain_body())
+
+    def _guard(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except (_Failed, Aborted):
+            raise
+        except StageError as err:
+            raise _Failed(err) from None
+        except Exception as exc:
+            raise _Failed(StageError(self.name, exc=exc)) from None
+
+    def open(self) -> None:
+        """Open the writer in the thread that will run it (a connection may take a while)."""
+        if self.writer is not None:
+            return
+        st = self.stage
+        done = release_all if self.tracked else _discard
+        try:
+            self.writer = st.internal["writer"](done, ctx=SourceContext(self), **st.kwargs)
+        except (_Failed, Aborted):
+            raise
+        except StageError as err:
+            raise _Failed(err) from None
+        except Exception as exc:
+            raise _Failed(StageError(self.name, exc=exc)) from None
+        self.run._on_end.append(self._abandon)
+
+    def _write(self, batch: list[Any]) -> list[Any]:
+        if self.writer is None:
+            self.open()   # fused behind an in-memory source: opened on first use
+        if self.tracked:
+            items = list(map(_first, batch))
+            self.batch = items  # what an abort empties, to stop the writer's loop
+            self._guard(self.writer.write, items, list(map(_second, batch)))
+        else:
+            self._guard(self.writer.write, batch, None)
+        return []
+
+    def tick(self) -> None:
+        if self.writer is not None and not self.closed:
+            self._guard(self.writer.tick)
+
+    def finish(self) -> None:
+        if self.run._aborted:
+            return   # abandoned: the run-end callback closes the writer as failed
+        if self.writer is None:
+            self.open()   # no items came: still connect, so a bad address fails the run
+        if not self.closed:
+            self.closed = True
+            self._guard(self.writer.close, True)
+        self.close_outs()
+
+    def _abandon(self) -> None:
+        """Run-end callback: a writer not closed at the end of its stream (failure,
+        abort) is closed as failed."""
+        if not self.closed:
+            self.closed = True
+            try:
+                self.writer.close(False)
+            except Exception:
+                log.exception("closing sink %r after the run failed", self.name)
 
 
 # -- per-item stages on a pool ----------------------------------------------------
@@ -1362,6 +1547,8 @@ class Run:
             inp = channels.get(n)
             if st.kind == SOURCE:
                 r: _Runner = _SourceRunner(self, n, None)
+            elif st.internal.get("writer") is not None:
+                r = _WriterRunner(self, n, inp)
             elif st.flavor == "stream":
                 r = _StreamRunner(self, n, inp)
             elif (st.option("executor") == "process" or st.is_async
@@ -1391,6 +1578,14 @@ class Run:
                         and isinstance(runners[preds[0]], _SourceRunner)
                         and len(succ[preds[0]]) == 1 and _in_memory(preds[0].stage)):
                     # in-memory data never blocks: read it in the first stage's thread
+                    src = runners[preds[0]]
+                    assert isinstance(src, _SourceRunner)
+                    src.fused_next, r.fused_prev = r, src  # type: ignore[assignment]
+                elif (isinstance(r, _SingleRunner) and len(preds) == 1
+                        and isinstance(runners[preds[0]], _SourceRunner)
+                        and len(succ[preds[0]]) == 1 and preds[0].stage.internal.get("chunks")
+                        and not (self._collect and preds[0] is ends[0])):
+                    # a chunk source: its chunks go straight into the next stage's code
                     src = runners[preds[0]]
                     assert isinstance(src, _SourceRunner)
                     src.fused_next, r.fused_prev = r, src  # type: ignore[assignment]

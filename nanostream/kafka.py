@@ -30,23 +30,25 @@ Pipeline(kafka_source | filter(<lambda>) | kafka_sink)
 from __future__ import annotations
 
 import difflib
+import functools
 import itertools
 import json
 import logging
+import operator
 import re
 import socket
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any, NamedTuple
 
 from . import _io
 from ._errors import StageError
-from ._runtime import TICK, _noop
 from ._stage import DEFAULTS, SINK, SOURCE, Stage, repr_short
-from ._tracking import Ticket
 
 __all__ = ["KafkaRecord", "kafka_sink", "kafka_source"]
 
@@ -60,8 +62,9 @@ PROBE_EVERY = 1.0       # seconds between connection checks of an idle source
 CLOSE_SECONDS = 3.0     # bound on the final commit and close after the run (an abort's
                         # grace period is 5 s)
 TICK_EVERY = 0.1        # an idle sink checks for delivery errors this often
-ACK_EVERY = 5000        # a sink waits for the broker's acks after this many messages...
-ACK_INTERVAL = 0.05     # ...or this many seconds after the first unacknowledged one
+ACK_EVERY = 10_000      # a sink waits for the broker's acks after this many messages...
+ACK_INTERVAL = 0.1      # ...or this many seconds after the first unacknowledged one (each
+                        # wait stops the thread: the source's too when the sink is fused)
 POLL_RECORDS = 1000     # most messages one poll returns (option max_poll_records): about a
                         # queue's worth; a poll's messages must leave within max_poll_interval
 CHUNK = 256             # messages passed on and tracked together: their offsets are
@@ -530,7 +533,7 @@ def kafka_source(topics: str | Iterable[str] | re.Pattern[str] | None = None, *,
                        else float(reconnect_timeout),
                        options=client_options)
     return Stage(_kafka_source, SOURCE, {**stage_options, "track": group_id is not None},
-                 args=(spec,), internal={"context": True}, bound=True)
+                 args=(spec,), internal={"context": True, "chunks": True}, bound=True)
 
 
 def _check_partitions(fn: str, names: tuple[str, ...], pattern: str | None,
@@ -571,17 +574,120 @@ def _check_partitions(fn: str, names: tuple[str, ...], pattern: str | None,
 def _kafka_source(spec: _SourceSpec, ctx: Any = None) -> tuple[()]:
     """Runs in the source thread: connect, register the final commit and close, read.
 
-    The messages go downstream a chunk at a time, straight into the source's output
-    channels (as the seed-compatibility senders do, through the runner's ``emit``):
-    per message that costs a list append instead of a generator step and a channel
-    put. With a group_id each message carries a completion ticket; once every message
-    of a chunk is handled, the chunk's offsets are done (see :class:`_Countdown`).
+    The messages go downstream a chunk (``CHUNK``) at a time through the runtime's
+    ``ctx.emit``: no generator step nor channel put per message. With a group_id a
+    chunk carries one completion ticket; once every message of it is handled, the
+    chunk's highest offsets are done (see ``_offsets.OffsetTracker``).
     """
     reader = (_KafkaPythonReader if spec.client == "kafka-python" else _ConfluentReader)(
         spec, ctx)
     ctx.on_run_end(reader.finish)
     reader.pump()
     return ()
+
+
+# -- a chunk of messages at C speed -------------------------------------------------------
+#
+# The readers build a chunk's items with one ``map`` per field over the client's
+# message objects (no Python code per message), and fall back to a careful loop per
+# message only for a chunk with something unusual in it (an event, a message that
+# does not decode: that loop names it or skips it under on_error).
+
+_is_none = functools.partial(operator.is_, None)
+_second = operator.itemgetter(1)
+
+
+def _decode_all(dec: Callable[[bytes], Any], raw: list[Any]) -> list[Any]:
+    """``dec`` over ``raw`` (``None`` stays ``None``); raises as ``dec`` does."""
+    if any(map(_is_none, raw)):
+        return [None if x is None else dec(x) for x in raw]
+    return list(map(dec, raw))
+
+
+def _records_kafka_python(part: list[Any], topic: str, partition: int,
+                          vdec: Callable[[bytes], Any] | None,
+                          kdec: Callable[[bytes], Any] | None, meta: bool) -> list[Any] | None:
+    """The items of one partition's chunk of kafka-python ConsumerRecords; ``None`` if
+    a key or value does not decode."""
+    try:
+        values = list(map(_VALUE, part))
+        if vdec is not None:
+            values = _decode_all(vdec, values)
+        if not meta:
+            return values
+        keys = list(map(_KEY, part))
+        if kdec is not None:
+            keys = _decode_all(kdec, keys)
+    except Exception:
+        return None
+    stamps = list(map(_TIMESTAMP, part))
+    if any(map(_is_none, stamps)) or min(stamps) < 0:
+        stamps = [ts if ts is not None and ts >= 0 else None for ts in stamps]
+    headers = list(map(_HEADERS, part))
+    if not all(headers):   # a message without headers gets an empty list of its own
+        headers = [h or [] for h in headers]
+    n = len(part)
+    return list(map(_record, repeat(KafkaRecord, n), zip(
+        repeat(topic, n), repeat(partition, n), map(_OFFSET, part), keys, values, headers,
+        stamps, strict=False)))
+
+
+_VALUE = operator.attrgetter("value")
+_KEY = operator.attrgetter("key")
+_OFFSET = operator.attrgetter("offset")
+_TIMESTAMP = operator.attrgetter("timestamp")
+_HEADERS = operator.attrgetter("headers")
+
+
+def _records_confluent(message: Any, part: list[Any], vdec: Callable[[bytes], Any] | None,
+                       kdec: Callable[[bytes], Any] | None, meta: bool, no_time: int
+                       ) -> tuple[list[Any], dict[tuple[str, int], int],
+                                  dict[tuple[str, int], int]] | None:
+    """The items of a chunk of confluent-kafka Messages with their lowest and highest
+    offsets per partition; ``None`` if it holds an event (``error()`` set) or a key
+    or value that does not decode. ``message`` is ``confluent_kafka.Message``."""
+    if any(map(message.error, part)):
+        return None
+    try:
+        values = list(map(message.value, part))
+        if vdec is not None:
+            values = _decode_all(vdec, values)
+        keys = None
+        if meta:
+            keys = list(map(message.key, part))
+            if kdec is not None:
+                keys = _decode_all(kdec, keys)
+    except Exception:
+        return None
+    topics = list(map(message.topic, part))
+    partitions = list(map(message.partition, part))
+    offsets = list(map(message.offset, part))
+    # a partition's messages come in offset order, and a dict keeps the last value given
+    topic = topics[0]
+    if topics.count(topic) == len(topics):   # one topic (no (topic, partition) per message)
+        lasts = {(topic, p): o for p, o in dict(zip(partitions, offsets, strict=False)).items()}
+        firsts = {(topic, p): o for p, o in dict(zip(
+            reversed(partitions), reversed(offsets), strict=False)).items()}
+    else:
+        where = list(zip(topics, partitions, strict=False))
+        lasts = dict(zip(where, offsets, strict=False))
+        firsts = dict(zip(reversed(where), reversed(offsets), strict=False))
+    if not meta:
+        return values, firsts, lasts
+    # timestamp() gives (type, milliseconds); without one (type no_time) the
+    # milliseconds are negative: look at the types only then
+    times: list[Any] = list(map(_second, map(message.timestamp, part)))
+    if min(times) < 0:
+        times = [ts if kind != no_time else None for kind, ts in map(message.timestamp, part)]
+    headers = list(map(message.headers, part))
+    n = len(part)
+    if headers.count(None) == n:   # no headers at all: an empty list for each
+        headers = list(map(list, repeat((), n)))
+    elif None in headers:
+        headers = [h if h is not None else [] for h in headers]
+    assert keys is not None
+    return list(map(_record, repeat(KafkaRecord, n), zip(
+        topics, partitions, offsets, keys, values, headers, times, strict=False))), firsts, lasts
 
 
 class _Pace:
@@ -607,27 +713,6 @@ class _Pace:
         self.taken = got
 
 
-class _Countdown:
-    """The messages of a chunk: when each is handled, the chunk's offsets are done.
-
-    ``next()`` of an ``itertools.count`` is one atomic step under the GIL, so calls
-    from several threads (sinks, workers) count exactly; the last one finishes.
-    """
-
-    __slots__ = ("done", "ends", "n", "ticks")
-
-    def __init__(self, n: int, done: Callable[..., None],
-                 ends: list[tuple[str, int, int, int]]) -> None:
-        self.n = n
-        self.done = done
-        self.ends = ends
-        self.ticks = itertools.count(1)
-
-    def one_done(self) -> None:
-        if next(self.ticks) == self.n:
-            _chunk_done(self.done, self.ends)
-
-
 def _chunk_done(done: Callable[..., None], ends: list[tuple[str, int, int, int]]) -> None:
     """Every message of a chunk is handled: its highest offsets are done (a no-op for a
     partition revoked since: ``generation`` no longer matches)."""
@@ -649,11 +734,12 @@ class _Reader:
             self.tracker = OffsetTracker()
         self.targets: dict[tuple[str, int], int | None] | None = (
             {} if spec.stop_at_end else None)          # stop_at_end: partition -> end
-        self.runner = ctx._runner   # the core's source runner (see _kafka_source)
         # where a partition is safe to resume from: everything before it was handled
         self.first: dict[tuple[str, int], int] = {}    # first offset passed on since assigned
         self.safe: dict[tuple[str, int], int] = {}     # last position committed here
         self.rewind: dict[tuple[str, int], int] = {}   # revoked: resume there if it comes back
+        self.assignments = 0          # assignments so far (a group's may be empty)
+        self.rebalancing = False      # partitions revoked, the next assignment not yet in
         self.down_since: float | None = None
         self.next_probe = 0.0
         self.closed = False
@@ -663,6 +749,8 @@ class _Reader:
 
     def assigned(self, keys: Iterable[tuple[str, int]]) -> None:
         keys = list(keys)
+        self.assignments += 1
+        self.rebalancing = False
         log.info("kafka_source %r: assigned %s", self.name, sorted(keys))
         if self.targets is not None:
             for key in keys:
@@ -680,6 +768,7 @@ class _Reader:
         """Partitions leave this member: forget their messages in flight (done() for
         them is ignored from now on). Returns the positions to commit for them; if
         they come back, reading resumes at the first message not handled."""
+        self.rebalancing = True   # until the next assignment
         if self.targets is not None:
             for key in keys:
                 self.targets.pop(key, None)
@@ -718,26 +807,18 @@ class _Reader:
         partition; with skipped messages ``items`` may be shorter, even empty). False
         once the pipeline wants no more (stop requested, or every consumer downstream
         done)."""
-        runner = self.runner
         tracker = self.tracker
-        if tracker is not None:
-            first = self.first
-            for key, offset in firsts.items():
-                first.setdefault(key, offset)
-            track = tracker.track
-            ends = [(topic, partition, last, track(topic, partition, last))
-                    for (topic, partition), last in lasts.items()]
-            if items:
-                # one ticket per message (operators that track their inputs themselves
-                # tell tickets apart by identity), all counting down the same chunk
-                one_done = _Countdown(len(items), tracker.done, ends).one_done
-                runner.emit([(x, Ticket(one_done)) for x in items])
-            else:
-                _chunk_done(tracker.done, ends)
-        elif items:
-            runner.emit(items)
-        runner.items_out += len(items)
-        return not (runner.stop_requested or runner.outs_dead())
+        if tracker is None:
+            return bool(self.ctx.emit(items))
+        first = self.first
+        for key, offset in firsts.items():
+            first.setdefault(key, offset)
+        track = tracker.track
+        ends = [(topic, partition, last, track(topic, partition, last))
+                for (topic, partition), last in lasts.items()]
+        # the chunk travels under one ticket counting its messages down (the runtime's
+        # SourceContext.emit): when the last is handled, its offsets are done
+        return bool(self.ctx.emit(items, functools.partial(_chunk_done, tracker.done, ends)))
 
     def commit(self, final: bool = False) -> None:
         positions = self.tracker.committable()
@@ -783,7 +864,10 @@ class _Reader:
                             "data, or on_error='skip' to skip such messages")
 
     def idle(self, now: float) -> None:
-        """No messages in the last poll: check the connection now and then."""
+        """No messages in the last poll: let the stages fused into this thread settle
+        (a kafka_sink waits for its acknowledgements), check the connection now and
+        then."""
+        self.ctx.idle()
         if now < self.next_probe:
             return
         self.next_probe = now + PROBE_EVERY
@@ -807,10 +891,12 @@ class _Reader:
         raise NotImplementedError
 
     def at_end(self) -> bool:
-        """stop_at_end: every assigned partition read up to its end."""
+        """stop_at_end: every assigned partition read up to its end; or the group gave
+        this member no partition at all (more members than partitions)."""
         targets = self.targets
         if not targets:
-            return False
+            # (not between a revocation and the assignment that follows it)
+            return self.assignments > 0 and not self.rebalancing
         for key, target in targets.items():
             if target is None:
                 target = self.highwater(key)
@@ -998,10 +1084,9 @@ class _KafkaPythonReader(_Reader):
                 topic, partition = tp.topic, tp.partition
                 for first in range(0, len(recs), size):
                     part = recs[first:first + size] if len(recs) > size else recs
-                    items: list[Any]
-                    if vdec is None and not meta:
-                        items = [r.value for r in part]
-                    else:
+                    items: list[Any] | None = _records_kafka_python(part, topic, partition,
+                                                                    vdec, kdec, meta)
+                    if items is None:   # a message does not decode: the careful loop
                         items = []
                         append = items.append
                         for r in part:
@@ -1180,6 +1265,17 @@ class _ConfluentReader(_Reader):
                 self.idle(now)
             for first in range(0, len(msgs), size):
                 part = msgs[first:first + size] if len(msgs) > size else msgs
+                fast = _records_confluent(ck.Message, part, vdec, kdec, meta, no_time)
+                if fast is not None:
+                    if not emit(*fast):
+                        return
+                    if tracked:
+                        now = time.monotonic()
+                        if now >= next_commit and self.down_since is None:
+                            self.commit()
+                            next_commit = now + interval
+                    continue
+                # an event among the messages, or a message that does not decode
                 firsts: dict[tuple[str, int], int] = {}
                 lasts: dict[tuple[str, int], int] = {}
                 items: list[Any] = []
@@ -1337,8 +1433,10 @@ def kafka_sink(topic: str | Callable[[Any], str], *,
                      headers=headers, fixed_headers=fixed_headers, client=client,
                      max_in_flight=max_in_flight, connect_timeout=float(connect_timeout),
                      delivery_timeout=float(delivery_timeout), options=client_options)
+    # in a run the runtime drives the writer itself (internal "writer": no thread of
+    # its own, fused into the stage before it); _kafka_sink serves direct calls
     return Stage(_kafka_sink, SINK, {**stage_options, "stream": True}, kwargs={"spec": spec},
-                 internal={"with_done": True, "tick": TICK_EVERY, "context": True})
+                 internal={"writer": _open_writer, "tick": TICK_EVERY, "context": True})
 
 
 def _headers(h: Any) -> list[tuple[str, bytes | None]] | None:
@@ -1363,23 +1461,35 @@ def _headers(h: Any) -> list[tuple[str, bytes | None]] | None:
     return out
 
 
-def _kafka_sink(items: Iterator[Any], *, spec: _SinkSpec, ctx: Any = None) -> None:
-    ctx = ctx or _io.DetachedContext("kafka_sink")
-    writer = (_KafkaPythonWriter if spec.client == "kafka-python" else _ConfluentWriter)(
-        spec, ctx)
-    ok = False
+def _open_writer(done: Callable[[list[Any]], None], *, spec: _SinkSpec, ctx: Any) -> _Writer:
+    """The runtime's writer hook for a kafka_sink (``internal={"writer": ...}``): the
+    producer of one run, given the runtime's ``done(tokens)``."""
+    cls = _KafkaPythonWriter if spec.client == "kafka-python" else _ConfluentWriter
+    return cls(spec, ctx, done)
+
+
+def _no_tokens(tokens: list[Any]) -> None:
+    return None
+
+
+def _kafka_sink(items: Iterable[Any], *, spec: _SinkSpec, ctx: Any = None) -> None:
+    """The sink called directly, outside a run: send every item, flush, close."""
+    writer = _open_writer(_no_tokens, spec=spec, ctx=ctx or _io.DetachedContext("kafka_sink"))
     try:
-        writer.run(items)
-        ok = True
-    finally:
+        it = iter(items)
+        while True:
+            chunk = list(itertools.islice(it, CHUNK))
+            if not chunk:
+                break
+            writer.write(chunk, None)
+    except BaseException:
         try:
-            writer.close(ok)
-        except Exception:
-            if ok:
-                raise
-            # already failing: that error is the one to report
+            writer.close(False)
+        except Exception:   # already failing: that error is the one to report
             log.warning("kafka_sink %r: closing the producer failed", writer.name,
                         exc_info=True)
+        raise
+    writer.close(True)
 
 
 def _encoder(spec: _SinkSpec) -> Callable[[Any], tuple[Any, Any, Any, Any]]:
@@ -1405,70 +1515,95 @@ def _encoder(spec: _SinkSpec) -> Callable[[Any], tuple[Any, Any, Any, Any]]:
     return encode
 
 
-class _Writer:
-    """Sends items, and marks them handled in rounds: every ``ACK_EVERY`` messages or
-    ``ACK_INTERVAL`` seconds it flushes the producer (waits until the broker has
-    acknowledged every message sent so far) and then calls their ``done()``. That is
-    the hand-written loop's flush-then-commit, without a Python callback per message
-    (each such callback would also hand the GIL back and forth with the client's
-    thread). The first delivery error is raised as a StageError naming its item."""
+_SERIALIZE = "could not serialize it for Kafka"
 
-    def __init__(self, spec: _SinkSpec, ctx: Any) -> None:
+
+class _Writer:
+    """The producer side of one run, driven by the runtime (see ``_runtime._WriterRunner``):
+    ``write(items, tokens)`` sends, ``tick()`` runs while no items come, ``close(ok)``
+    at the end.
+
+    Items are marked handled in rounds: every ``ACK_EVERY`` messages (at most
+    ``max_in_flight``) or ``ACK_INTERVAL`` seconds it flushes the producer (waits
+    until the broker has acknowledged every message sent so far) and then passes
+    their tokens to ``done``. That is the hand-written loop's flush-then-commit,
+    without a Python callback per message (each such callback would also hand the GIL
+    back and forth with the client's thread). The first delivery error is raised as a
+    StageError naming its item. An item skipped under ``on_error`` (it could not be
+    serialized) is handled with the round it came in."""
+
+    def __init__(self, spec: _SinkSpec, ctx: Any, done: Callable[[list[Any]], None]) -> None:
         self.spec = spec
         self.ctx = ctx
         self.name = ctx.name
+        self.done = done
         self.failed: tuple[Any, BaseException] | None = None
         self.batch = min(ACK_EVERY, spec.max_in_flight)
-        self.sender: Callable[..., Any] = _no_sender
+        self.encode = _encoder(spec)
+        self.n = 0                  # items taken since the last round was settled
+        self.tokens: list[Any] = []  # their tokens
+        self.since = 0.0            # when the first of them came
+        self.closed = False
 
-    def run(self, items: Iterator[Any]) -> None:
-        """The sending loop: items (with their ``done``) or TICKs from the runtime;
-        ``self.sender(topic, value, key, headers)`` sends one message and returns what
-        :meth:`settle` needs to know whether it was delivered."""
-        spec = self.spec
-        sender = self.sender
-        encode = _encoder(spec)
-        monotonic = time.monotonic
-        batch = self.batch
-        pending: list[Any] = []   # what send() returned for each message since the flush
-        append = pending.append
-        since = 0.0
-        for pair in items:
-            if pair is TICK:
-                self.idle()
-                if pending and monotonic() - since >= ACK_INTERVAL:
-                    self.settle(pending)
-                    pending = []
-                    append = pending.append
-                continue
-            item, done = pair
+    def write(self, items: list[Any], tokens: list[Any] | None) -> None:
+        n = len(items)
+        start = 0
+        while start < n:
+            if not self.n:
+                self.since = time.monotonic()
+            end = min(n, start + self.batch - self.n)
+            whole = start == 0 and end == n
+            part = items if whole else items[start:end]
+            self.send(part)
+            self.n += len(part)
+            if tokens is not None:
+                self.tokens.extend(tokens if whole else tokens[start:end])
+            if self.n >= self.batch:
+                self.settle()
+            start = end
+        if self.n and time.monotonic() - self.since >= ACK_INTERVAL:
+            self.settle()
+
+    def tick(self) -> None:
+        self.idle()
+        if self.n and time.monotonic() - self.since >= ACK_INTERVAL:
+            self.settle()
+
+    def settle(self) -> None:
+        """Wait until everything sent is acknowledged, then mark the round handled."""
+        self.flush()
+        tokens = self.tokens
+        self.tokens = []
+        self.n = 0
+        if tokens:
+            self.done(tokens)
+
+    def close(self, ok: bool) -> None:
+        """``ok``: settle what is left, then close the producer (closed also when
+        settling fails); otherwise give what was sent a moment and drop the rest."""
+        if self.closed:
+            return
+        self.closed = True
+        if ok:
             try:
-                topic, value, key, headers = encode(item)
-            except Exception as exc:
-                self.ctx.item_error(exc, item, detail="could not serialize it for Kafka")
-                done()   # skipped: handled
-                continue
-            try:
-                append((sender(topic, value, key, headers), item, done))
-            except Exception as exc:  # e.g. too large, or no metadata within max_block_ms
-                self.failure(item, exc)
-                self.check()
-            n = len(pending)
-            if n == 1:
-                since = monotonic()
-            elif n >= batch or (n & 63 == 0 and monotonic() - since >= ACK_INTERVAL):
-                self.settle(pending)
-                pending = []
-                append = pending.append
-        if pending:
-            self.settle(pending)
+                if self.n:
+                    self.settle()
+            except BaseException:
+                self.shutdown(False)
+                raise
+        self.shutdown(ok)
+
+    def send(self, items: list[Any]) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    def shutdown(self, ok: bool) -> None:
+        raise NotImplementedError
 
     def idle(self) -> None:
-        """Called on the idle TICKs."""
-
-    def settle(self, pending: list[Any]) -> None:
-        """Wait until everything sent is acknowledged, then mark it handled."""
-        raise NotImplementedError
+        """Called on the idle ticks."""
 
     def failure(self, item: Any, exc: BaseException) -> None:
         """Record a delivery error (any thread); the sink thread raises it."""
@@ -1495,17 +1630,10 @@ class _Writer:
             f"not acknowledged within delivery_timeout {self.spec.delivery_timeout:g} s "
             "and then some"))
 
-    def close(self, ok: bool) -> None:
-        raise NotImplementedError
-
-
-def _no_sender(*args: Any) -> Any:
-    raise NotImplementedError
-
 
 class _KafkaPythonWriter(_Writer):
-    def __init__(self, spec: _SinkSpec, ctx: Any) -> None:
-        super().__init__(spec, ctx)
+    def __init__(self, spec: _SinkSpec, ctx: Any, done: Callable[[list[Any]], None]) -> None:
+        super().__init__(spec, ctx, done)
         kafka = _kafka()
         self.kafka = kafka
         config = dict(spec.options)
@@ -1522,22 +1650,41 @@ class _KafkaPythonWriter(_Writer):
         except _connect_errors(kafka) as exc:
             raise _unreachable("kafka_sink", spec.bootstrap, spec.connect_timeout,
                                exc) from None
-        self.sender = self.producer.send
+        self.futures: list[Any] = []   # what send() returned for each message of the round
+        self.items: list[Any] = []     # ... and its item
 
-    def settle(self, pending: list[Any]) -> None:
+    def send(self, items: list[Any]) -> None:
+        encode = self.encode
+        sender = self.producer.send
+        futures, sent = self.futures, self.items
+        for item in items:
+            try:
+                topic, value, key, headers = encode(item)
+            except Exception as exc:
+                self.ctx.item_error(exc, item, detail=_SERIALIZE)
+                continue   # skipped: handled with this round
+            try:
+                futures.append(sender(topic, value, key, headers))
+            except Exception as exc:  # e.g. too large, or no metadata within max_block_ms
+                self.failure(item, exc)
+                self.check()
+            sent.append(item)
+
+    def flush(self) -> None:
+        futures, items = self.futures, self.items
         try:
             self.producer.flush(timeout=self.spec.delivery_timeout + 5)
         except self.kafka.errors.KafkaTimeoutError as exc:
-            late = next((item for fut, item, _ in pending
+            late = next((item for fut, item in zip(futures, items, strict=False)
                          if not fut.is_done or fut.exception is not None), None)
             raise self.unsent(exc, late) from None
-        for fut, item, done in pending:
+        for fut, item in zip(futures, items, strict=False):
             if fut.exception is not None:
                 self.failure(item, fut.exception)
                 self.check()
-            done()
+        self.futures, self.items = [], []
 
-    def close(self, ok: bool) -> None:
+    def shutdown(self, ok: bool) -> None:
         # after a failure or an abort, give what was sent a moment, then let it go
         producer = self.producer
         try:
@@ -1556,10 +1703,14 @@ class _KafkaPythonWriter(_Writer):
 
 class _ConfluentWriter(_Writer):
     """With ``delivery.report.only.error`` librdkafka reports failed messages only;
-    the per-message callback (which names the item) then never runs for a success."""
+    the per-message callback (which names the item) then never runs for a success.
 
-    def __init__(self, spec: _SinkSpec, ctx: Any) -> None:
-        super().__init__(spec, ctx)
+    ``produce`` is called with positional arguments (its keyword parsing costs as
+    much as the rest) and, for a fixed topic without headers, over a whole batch at
+    C speed (``map``): values and keys are serialized with one ``map`` each."""
+
+    def __init__(self, spec: _SinkSpec, ctx: Any, done: Callable[[list[Any]], None]) -> None:
+        super().__init__(spec, ctx, done)
         ck = _confluent("kafka_sink")
         self.ck = ck
         config = _confluent_config("kafka_sink", spec.options, _SINK_OURS)
@@ -1580,36 +1731,69 @@ class _ConfluentWriter(_Writer):
             raise _unreachable("kafka_sink", spec.bootstrap, spec.connect_timeout,
                                exc.args[0].str() if exc.args else exc) from None
         self.producer = producer
-        self.produce = producer.produce
+        # the round's messages as (values, items) lists, to name the item of a
+        # delivery error (kept per batch: nothing per message)
+        self.sent: list[tuple[list[Any], list[Any]]] = []
+        self.whole = isinstance(spec.topic, str) and spec.headers is None
 
-    def run(self, items: Iterator[Any]) -> None:
-        """The generic loop, specialised: no per-message callback (``on_delivery`` is
-        set once for the producer and only runs for failures) and ``produce`` called
-        with positional arguments (its keyword parsing costs as much as the rest)."""
+    def send(self, items: list[Any]) -> None:
+        if not (self.whole and self._send_whole(items)):
+            self._send_each(items)
+
+    def _send_whole(self, items: list[Any]) -> bool:
+        """The batch in one go; False (nothing sent) if an item needs the careful path
+        (a None item, or one that does not serialize: it is then serialized again)."""
         spec = self.spec
+        if any(map(_is_none, items)):
+            return False
+        try:
+            values = list(map(spec.vser, items))
+            keys = None
+            if spec.key is not None:
+                keys = list(map(spec.key, items))
+                kser = spec.kser
+                if not ((kser is _to_bytes or kser is _to_text_bytes)
+                        and set(map(type, keys)) == {bytes}):
+                    keys = [None if k is None else kser(k) for k in keys]
+        except Exception:
+            return False
+        topic = str(spec.topic)
         produce = self.producer.produce
-        encode = _encoder(spec)
-        monotonic = time.monotonic
-        batch = self.batch
-        pending: list[Any] = []   # (value, item, done) of each message since the flush
-        self.pending = pending
-        append = pending.append
-        since = 0.0
-        for pair in items:
-            if pair is TICK:
-                self.idle()
-                if pending and monotonic() - since >= ACK_INTERVAL:
-                    self.settle(pending)
-                    self.pending = pending = []
-                    append = pending.append
-                continue
-            item, done = pair
+        start, n = 0, len(items)
+        while start < n:
+            vs = values[start:] if start else values
+            it = iter(vs)
+            try:
+                if keys is None:
+                    deque(map(produce, repeat(topic), it), maxlen=0)
+                else:
+                    deque(map(produce, repeat(topic), it, keys[start:] if start else keys),
+                          maxlen=0)
+                break
+            except BufferError:   # the client's queue is full: let it drain, then retry
+                at = start + len(vs) - it.__length_hint__() - 1  # type: ignore[attr-defined]
+                self._retry(items[at], topic, values[at],
+                            None if keys is None else keys[at], None)
+            except self.ck.KafkaException as exc:   # e.g. too large
+                at = start + len(vs) - it.__length_hint__() - 1  # type: ignore[attr-defined]
+                self.failure(items[at], exc)
+                self.check()
+            start = at + 1
+        self.sent.append((values, items))
+        return True
+
+    def _send_each(self, items: list[Any]) -> None:
+        encode = self.encode
+        produce = self.producer.produce
+        values: list[Any] = []
+        sent: list[Any] = []
+        self.sent.append((values, sent))
+        for item in items:
             try:
                 topic, value, key, headers = encode(item)
             except Exception as exc:
-                self.ctx.item_error(exc, item, detail="could not serialize it for Kafka")
-                done()   # skipped: handled
-                continue
+                self.ctx.item_error(exc, item, detail=_SERIALIZE)
+                continue   # skipped: handled with this round
             try:
                 if headers is None:
                     produce(topic, value, key)
@@ -1620,16 +1804,8 @@ class _ConfluentWriter(_Writer):
             except self.ck.KafkaException as exc:   # e.g. too large
                 self.failure(item, exc)
                 self.check()
-            append((value, item, done))
-            n = len(pending)
-            if n == 1:
-                since = monotonic()
-            elif n >= batch or (n & 63 == 0 and monotonic() - since >= ACK_INTERVAL):
-                self.settle(pending)
-                self.pending = pending = []
-                append = pending.append
-        if pending:
-            self.settle(pending)
+            values.append(value)
+            sent.append(item)
 
     def _retry(self, item: Any, topic: str, value: Any, key: Any, headers: Any) -> None:
         while True:
@@ -1650,23 +1826,22 @@ class _ConfluentWriter(_Writer):
         if err is None:
             return
         value = msg.value()
-        item = next((it for v, it, _ in getattr(self, "pending", ()) if v == value), value)
+        item = next((it for values, items in self.sent
+                     for v, it in zip(values, items, strict=False) if v == value), value)
         self.failure(item, self.ck.KafkaException(err))
 
     def idle(self) -> None:
         self.producer.poll(0)   # serve error reports
         self.check()
 
-    def settle(self, pending: list[Any]) -> None:
+    def flush(self) -> None:
         left = self.producer.flush(self.spec.delivery_timeout + 5)
         self.check()
         if left:
-            raise self.unsent(None, pending[0][1])
-        if pending[0][2] is not _noop:
-            for _, _, done in pending:
-                done()
+            raise self.unsent(None, next((items[0] for _, items in self.sent if items), None))
+        self.sent = []
 
-    def close(self, ok: bool) -> None:
+    def shutdown(self, ok: bool) -> None:
         producer = self.producer
         if not ok:
             # after a failure or an abort: a moment for what was sent, then drop the rest

@@ -19,6 +19,7 @@ import ast
 import contextlib
 import gc
 import json
+import operator
 import os
 import random
 import signal
@@ -193,9 +194,11 @@ def test_several_topics_transform_to_kafka_every_message(kafka_broker, make_topi
     produce(bootstrap, a, [{"i": i, "src": "a"} for i in range(300)])
     produce(bootstrap, b, [{"i": i, "src": "b"} for i in range(200)])
     group = unique_topic("etl")
+    threads = set()
 
     @ns.transform
     def enrich(order):
+        threads.add(threading.current_thread().name)
         return {**order, "double": 2 * order["i"]}
 
     report = (kafka_source([a, b], bootstrap_servers=bootstrap, group_id=group, client=client,
@@ -206,6 +209,7 @@ def test_several_topics_transform_to_kafka_every_message(kafka_broker, make_topi
                            key=lambda o: f"{o['src']}-{o['i']}",
                            headers=lambda o: {"src": o["src"]})).run(timeout=DEADLINE)
     assert report["kafka_sink"].items_in == 500
+    assert threads == {"nanostream:kafka_source"}   # source, transform, sink: one thread
     records = read_all(bootstrap, out)
     got = sorted((json.loads(r.value)["src"], json.loads(r.value)["i"]) for r in records)
     assert got == sorted([("a", i) for i in range(300)] + [("b", i) for i in range(200)])
@@ -216,6 +220,28 @@ def test_several_topics_transform_to_kafka_every_message(kafka_broker, make_topi
         assert r.headers == [("src", v["src"].encode())]
     assert committed(bootstrap, group, a) == {0: 100, 1: 100, 2: 100}
     assert committed(bootstrap, group, b) == {0: 67, 1: 67, 2: 66}
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_keys_and_values_pass_through_unchanged(kafka_broker, make_topic, client):
+    """The W6 shape (records in, (key, value) out, bytes both ways): keys, a missing
+    key and the values arrive as they were; the offsets are committed."""
+    bootstrap = kafka_broker.bootstrap
+    source, out = make_topic(), make_topic()
+    n = 700
+    produce(bootstrap, source, [{"i": i} for i in range(n)],
+            key=lambda i: None if i % 5 == 0 else f"k{i}".encode())
+    group = unique_topic("pass")
+    (kafka_source(source, bootstrap_servers=bootstrap, group_id=group, client=client,
+                  partitions=[0, 1, 2], auto_offset_reset="earliest", stop_at_end=True,
+                  with_metadata=True, value_deserializer="bytes")
+     | ns.transform(lambda r: (r.key, r.value))
+     | kafka_sink(out, bootstrap_servers=bootstrap, client=client,
+                  key=operator.itemgetter(0), key_serializer="bytes",
+                  value_serializer=operator.itemgetter(1))).run(timeout=DEADLINE)
+    got = Counter((r.key, json.loads(r.value)["i"]) for r in read_all(bootstrap, out))
+    assert got == Counter((None if i % 5 == 0 else f"k{i}".encode(), i) for i in range(n))
+    assert sum(committed(bootstrap, group, source).values()) == n
 
 
 @pytest.mark.parametrize("client", CLIENTS)
@@ -554,6 +580,41 @@ def test_two_processes_in_one_group_split_the_partitions(kafka_broker, make_topi
     by = Counter(v["by"] for v in outputs)
     assert by["one"] > 0
     assert by["two"] > 0
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_stop_at_end_ends_a_group_member_given_no_partition(kafka_broker, make_topic, client):
+    """More members than partitions: the member the group gives nothing ends at once
+    under stop_at_end=True (it used to wait forever for an assignment)."""
+    bootstrap = kafka_broker.bootstrap
+    topic = make_topic(1)
+    produce(bootstrap, topic, [{"i": i} for i in range(5)], partitions=1)
+    group = unique_topic("spare")
+    # the range assignor gives the one partition to the first member id in sort order
+    holder = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=group,
+                           client_id="aaa-holder", enable_auto_commit=False,
+                           auto_offset_reset="earliest", **kafka_broker.group_options())
+    stop = threading.Event()
+
+    def keep_polling():   # the holder stays in the group (and rejoins on the rebalance)
+        while not stop.is_set():
+            holder.poll(timeout_ms=50)
+
+    poller = threading.Thread(target=keep_polling, daemon=True)
+    try:
+        wait_for(lambda: holder.poll(timeout_ms=50) is not None and holder.assignment(),
+                 "the first member to get the partition")
+        poller.start()
+        got = list(kafka_source(topic, bootstrap_servers=bootstrap, group_id=group,
+                                client=client, client_id="zzz-spare", stop_at_end=True,
+                                auto_offset_reset="earliest",
+                                **kafka_broker.group_options(client)))
+        assert got == []
+    finally:
+        stop.set()
+        if poller.is_alive():
+            poller.join(timeout=DEADLINE)
+        holder.close()
 
 
 @pytest.mark.parametrize("client", CLIENTS)
