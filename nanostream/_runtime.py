@@ -1002,6 +1002,7 @@ class _StreamRunner(_Runner):
 
     kind = "stream"
     rest: Iterator[Any] = iter(())
+    gone = False  # seen by the last flush: nothing downstream takes outputs any more
     fused_source: _SourceRunner | None = None  # in-memory data read in this thread
 
     def start(self) -> None:
@@ -1097,7 +1098,9 @@ class _StreamRunner(_Runner):
         buf = self.outbuf
         if buf:
             self.outbuf = []
+            self.items_out += len(buf)
             self.emit(buf)
+            self.gone = self.outs_dead()
 
     def _body(self) -> None:
         st = self.stage
@@ -1250,6 +1253,9 @@ class _StreamRunner(_Runner):
         emit = self.emit
         buffered = self.buffered
         tracked = self.tracked
+        if buffered and outstanding is None and not tracked:
+            self._forward_plain(it)
+            return
         nxt = it.__next__
         while True:
             try:
@@ -1262,7 +1268,6 @@ class _StreamRunner(_Runner):
                 raise _Failed(err) from None
             except Exception as exc:
                 raise _Failed(StageError(self.name, exc=exc)) from None
-            self.items_out += 1
             if outstanding is not None:  # explicit tracking: the stage names the inputs
                 y, tokens = y
                 if tracked:
@@ -1285,9 +1290,29 @@ class _StreamRunner(_Runner):
                 if len(buf) >= BATCH:
                     self.flush()
             else:
+                self.items_out += 1
                 emit([y])
             if self.outs_dead():
                 return
+
+    def _forward_plain(self, it: Iterator[Any]) -> None:
+        """Untracked outputs of an internal operator: appended to the output buffer,
+        passed on BATCH at a time (and whenever the stage waits for input); whether
+        anyone downstream still takes them is checked as a batch goes."""
+        try:
+            for y in it:
+                buf = self.outbuf  # anew each time: taking input flushes it
+                buf.append(y)
+                if len(buf) >= BATCH:
+                    self.flush()
+                if self.gone:
+                    return
+        except (_Failed, Aborted):
+            raise
+        except StageError as err:
+            raise _Failed(err) from None
+        except Exception as exc:
+            raise _Failed(StageError(self.name, exc=exc)) from None
 
 
 def _in_memory(stage: Stage) -> bool:
