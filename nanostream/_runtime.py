@@ -1073,13 +1073,26 @@ class _StreamRunner(_Runner):
         queue), stopping when the source is asked to stop. Slices start small and
         grow while the stage takes less than BATCH_SECONDS a slice, so that a slow
         stage passes its first outputs on early."""
-        it = iter(src.stage.args[0])
+        data = src.stage.args[0]
+        # a list, tuple or range is sliced (a copy of pointers), anything else iterated
+        seq = data if type(data) in (list, tuple, range) else None
+        it = iter(data)
+        pos = 0
         perf = time.perf_counter
         limit = 16
+        flushed = perf()
         while not (src.stop_requested or self.run._aborted):
-            if self.outbuf:
+            # outputs go on before each slice while slices are small (the stage is
+            # slow, or just started), else every BATCH_SECONDS: reading never blocks
+            if self.outbuf and (limit < BATCH or perf() - flushed >= BATCH_SECONDS):
                 self.flush()
-            batch = list(islice(it, limit))
+                flushed = perf()
+            if seq is None:
+                batch = list(islice(it, limit))
+            else:
+                part = seq[pos:pos + limit]
+                pos += len(part)
+                batch = part if type(part) is list else list(part)
             if not batch:
                 break
             src.items_out += len(batch)

@@ -862,11 +862,12 @@ def generated(xs):
     return gen()
 
 
-@pytest.mark.parametrize("feed", ["memory", "channel", "tracked"])
+@pytest.mark.parametrize("feed", ["memory", "range", "tuple", "iterator", "channel", "tracked"])
 @pytest.mark.parametrize("n", [0, 1, 2, 7, 2500])
 def test_list_path_windows_in_a_pipeline(feed, n):
     """Empty stream, one item, end of stream mid-window, many lists; read in the
-    stage's thread, through a channel, and tracked (item by item)."""
+    stage's thread (sliced from a list, range or tuple, or taken from a list's
+    iterator), through a channel, and tracked (item by item)."""
     xs = list(range(n))
     done = []
 
@@ -876,8 +877,10 @@ def test_list_path_windows_in_a_pipeline(feed, n):
             yield x, (lambda x=x: done.append(x))
 
     def source():
-        return {"memory": lambda: ns.from_iterable(xs), "channel": lambda: generated(xs),
-                "tracked": tracked}[feed]()
+        return {"memory": lambda: ns.from_iterable(xs), "range": lambda: ns.from_iterable(range(n)),
+                "tuple": lambda: ns.from_iterable(tuple(xs)),
+                "iterator": lambda: ns.from_iterable(iter(xs)),
+                "channel": lambda: generated(xs), "tracked": tracked}[feed]()
 
     assert values(source() | ns.tumbling(size=3)) == [list(p) for p in toolz.partition_all(3, xs)]
     assert values(source() | ns.tumbling(size=3, agg=sum)) == [
