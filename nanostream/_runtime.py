@@ -30,6 +30,7 @@ BATCH = 1024           # most items a stage takes from its queue at once
 BATCH_SECONDS = 0.002  # how long a batch of a single-worker stage should take
 SPLIT_AFTER = 8        # items seen on both sides before a fused link may split
 SPLIT_COST = 50e-6     # seconds per item on both sides of a fused link that split it
+MEMORY_SLICE = 4096    # most items a stream stage reads at once from in-memory data
 GRACE = 5.0            # seconds a stage may take to notice a stop before it is named
 _RUNS: set[Run] = set()
 _RUNS_LOCK = threading.Lock()
@@ -1084,7 +1085,7 @@ class _StreamRunner(_Runner):
         while not (src.stop_requested or self.run._aborted):
             # outputs go on before each slice while slices are small (the stage is
             # slow, or just started), else every BATCH_SECONDS: reading never blocks
-            if self.outbuf and (limit < BATCH or perf() - flushed >= BATCH_SECONDS):
+            if self.outbuf and (limit < MEMORY_SLICE or perf() - flushed >= BATCH_SECONDS):
                 self.flush()
                 flushed = perf()
             if seq is None:
@@ -1102,8 +1103,8 @@ class _StreamRunner(_Runner):
             t0 = perf()
             yield batch
             per_item = (perf() - t0) / len(batch)
-            want = int(BATCH_SECONDS / per_item) if per_item > 0 else BATCH
-            limit = max(1, min(BATCH, want, 2 * limit))
+            want = int(BATCH_SECONDS / per_item) if per_item > 0 else MEMORY_SLICE
+            limit = max(1, min(MEMORY_SLICE, want, 2 * limit))
         self.exhausted = True
 
     def flush(self) -> None:
