@@ -813,6 +813,8 @@ def _sql_sink(items: Iterable[Any], *, url: _Url, table: str, batch_size: int = 
                     report(len(pending))
                     pending = []
                 continue
+            if not rows:
+                continue
             if pending:
                 pending += rows
             else:
