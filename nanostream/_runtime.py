@@ -30,6 +30,7 @@ BATCH = 1024           # most items a stage takes from its queue at once
 BATCH_SECONDS = 0.002  # how long a batch of a single-worker stage should take
 SPLIT_AFTER = 8        # items seen on both sides before a fused link may split
 SPLIT_COST = 50e-6     # seconds per item on both sides of a fused link that split it
+MEMORY_SLICE = 4096    # most items a stream stage reads at once from in-memory data
 GRACE = 5.0            # seconds a stage may take to notice a stop before it is named
 _RUNS: set[Run] = set()
 _RUNS_LOCK = threading.Lock()
@@ -1179,6 +1180,7 @@ class _Settled:
 # -- stream=True stages -----------------------------------------------------------
 
 TICK: Any = type("Tick", (), {"__repr__": lambda self: "TICK"})()
+_TICKED = (TICK,)  # an idle tick, as one more batch of the input chain
 
 
 class _StreamRunner(_Runner):
@@ -1186,6 +1188,7 @@ class _StreamRunner(_Runner):
 
     kind = "stream"
     rest: Iterator[Any] = iter(())
+    gone = False  # seen by the last flush: nothing downstream takes outputs any more
     fused_source: _SourceRunner | None = None  # in-memory data read in this thread
 
     def start(self) -> None:
@@ -1194,9 +1197,16 @@ class _StreamRunner(_Runner):
         self.spawn(self._body)
 
     def _items(self) -> Iterator[Any]:
-        """The input as one iterator (``TICK`` markers when the stage asked for them)."""
+        """The input as one iterator (``TICK`` markers when the stage asked for them).
+
+        A C-level chain over the batches the channel hands over: taking an item
+        costs no Python frame (a generator yielding per item cost ~0.1 us an item).
+        """
+        return chain.from_iterable(self._batches())
+
+    def _batches(self) -> Iterator[Iterable[Any]]:
         if self.fused_source is not None:
-            yield from chain.from_iterable(self._memory_batches(self.fused_source))
+            yield from self._memory_batches(self.fused_source)
             return
         get = self.inp.get  # type: ignore[union-attr]
         tick = self.stage.internal.get("tick")
@@ -1209,27 +1219,77 @@ class _StreamRunner(_Runner):
                 return
             if not batch:
                 if tick is not None:
-                    yield TICK
+                    yield _TICKED
                 continue
             self.items_in += len(batch)
             self.batch = batch
-            self.rest = it = iter(batch)  # what the function has not pulled yet
-            yield from it
+            # the chain pulls from this very iterator: it is what the function has
+            # not taken yet when it returns early
+            self.rest = it = iter(batch)
+            yield it
 
-    def _memory_batches(self, src: _SourceRunner) -> Iterator[list[Any]]:
-        """Read an in-memory source directly (it can never block, so no thread, no
-        queue): slices of BATCH items, stopping when the source is asked to stop."""
-        it = iter(src.stage.args[0])
-        while not (src.stop_requested or self.run._aborted):
+    def _lists(self, tickets: deque[Ticket | None] | None) -> Iterator[Any]:
+        """The input as lists of items (``internal={"lists": True}``), ``TICK`` markers
+        between them when the stage asked for ticks. Tracked, the items' tickets are
+        kept in ``tickets`` (in input order) and the lists hold the bare items."""
+        if self.fused_source is not None:
+            yield from self._memory_batches(self.fused_source, hold=False)
+            return
+        get = self.inp.get  # type: ignore[union-attr]
+        tick = self.stage.internal.get("tick")
+        while True:
             if self.outbuf:
                 self.flush()
-            batch = list(islice(it, BATCH))
+            batch = get(BATCH, tick)
+            if batch is None:
+                self.exhausted = True
+                return
+            if not batch:
+                if tick is not None:
+                    yield TICK
+                continue
+            self.items_in += len(batch)
+            if tickets is not None:
+                tickets.extend(map(_second, batch))
+                batch = list(map(_first, batch))
+            yield batch
+
+    def _memory_batches(self, src: _SourceRunner, hold: bool = True) -> Iterator[list[Any]]:
+        """Read an in-memory source directly (it can never block, so no thread, no
+        queue), stopping when the source is asked to stop. Slices start small and
+        grow while the stage takes less than BATCH_SECONDS a slice, so that a slow
+        stage passes its first outputs on early."""
+        data = src.stage.args[0]
+        # a list, tuple or range is sliced (a copy of pointers), anything else iterated
+        seq = data if type(data) in (list, tuple, range) else None
+        it = iter(data)
+        pos = 0
+        perf = time.perf_counter
+        limit = 16
+        flushed = perf()
+        while not (src.stop_requested or self.run._aborted):
+            # outputs go on before each slice while slices are small (the stage is
+            # slow, or just started), else every BATCH_SECONDS: reading never blocks
+            if self.outbuf and (limit < MEMORY_SLICE or perf() - flushed >= BATCH_SECONDS):
+                self.flush()
+                flushed = perf()
+            if seq is None:
+                batch = list(islice(it, limit))
+            else:
+                part = seq[pos:pos + limit]
+                pos += len(part)
+                batch = part if type(part) is list else list(part)
             if not batch:
                 break
             src.items_out += len(batch)
             self.items_in += len(batch)
-            self.batch = batch
+            if hold:
+                self.batch = batch  # emptied by an abort: the item loop stops
+            t0 = perf()
             yield batch
+            per_item = (perf() - t0) / len(batch)
+            want = int(BATCH_SECONDS / per_item) if per_item > 0 else MEMORY_SLICE
+            limit = max(1, min(MEMORY_SLICE, want, 2 * limit))
         self.exhausted = True
 
     def flush(self) -> None:
@@ -1237,12 +1297,18 @@ class _StreamRunner(_Runner):
         buf = self.outbuf
         if buf:
             self.outbuf = []
+            self.items_out += len(buf)
             self.emit(buf)
+            self.gone = self.outs_dead()
 
     def _body(self) -> None:
         st = self.stage
+        # internal operators that take whole lists: a sink always (it reports what is
+        # done with done(n)), a transform when untracked (tracked, it takes items and
+        # names the inputs behind each output as below)
+        lists = st.internal.get("lists", False) and (st.kind == SINK or not self.tracked)
         with_done = st.internal.get("with_done", False)
-        explicit = st.internal.get("explicit_tracking", False)
+        explicit = st.internal.get("explicit_tracking", False) and not lists
         held: list[Ticket | None] = []   # tickets released when the stage ends
         pending: list[Ticket | None] = []
         current: list[Ticket | None] = [None]
@@ -1255,7 +1321,15 @@ class _StreamRunner(_Runner):
         if st.internal.get("context"):
             extra["ctx"] = SourceContext(self)
 
-        if explicit:
+        if lists:
+            tickets: deque[Ticket | None] | None = deque() if self.tracked else None
+            extra["lists"] = True
+            if st.kind == SINK:
+                extra["done"] = _done_oldest(tickets)
+
+            def inputs() -> Iterator[Any]:
+                return self._lists(tickets)
+        elif explicit:
             def release_tokens(tokens: Iterable[Any]) -> None:
                 gone = []
                 for t in tokens:
@@ -1315,9 +1389,6 @@ class _StreamRunner(_Runner):
             def inputs() -> Iterator[Any]:
                 for x in self._items():
                     yield x if x is TICK else (x, _noop)
-        elif self.fused_source is not None:
-            def inputs() -> Iterator[Any]:
-                return chain.from_iterable(self._memory_batches(self.fused_source))  # type: ignore[arg-type]
         else:
             inputs = self._items
 
@@ -1381,6 +1452,9 @@ class _StreamRunner(_Runner):
         emit = self.emit
         buffered = self.buffered
         tracked = self.tracked
+        if buffered and outstanding is None and not tracked:
+            self._forward_plain(it)
+            return
         nxt = it.__next__
         while True:
             try:
@@ -1393,7 +1467,6 @@ class _StreamRunner(_Runner):
                 raise _Failed(err) from None
             except Exception as exc:
                 raise _Failed(StageError(self.name, exc=exc)) from None
-            self.items_out += 1
             if outstanding is not None:  # explicit tracking: the stage names the inputs
                 y, tokens = y
                 if tracked:
@@ -1416,9 +1489,29 @@ class _StreamRunner(_Runner):
                 if len(buf) >= BATCH:
                     self.flush()
             else:
+                self.items_out += 1
                 emit([y])
             if self.outs_dead():
                 return
+
+    def _forward_plain(self, it: Iterator[Any]) -> None:
+        """Untracked outputs of an internal operator: appended to the output buffer,
+        passed on BATCH at a time (and whenever the stage waits for input); whether
+        anyone downstream still takes them is checked as a batch goes."""
+        try:
+            for y in it:
+                buf = self.outbuf  # anew each time: taking input flushes it
+                buf.append(y)
+                if len(buf) >= BATCH:
+                    self.flush()
+                if self.gone:
+                    return
+        except (_Failed, Aborted):
+            raise
+        except StageError as err:
+            raise _Failed(err) from None
+        except Exception as exc:
+            raise _Failed(StageError(self.name, exc=exc)) from None
 
 
 def _in_memory(stage: Stage) -> bool:
@@ -1447,6 +1540,25 @@ def _first_unpicklable(xs: list[Any]) -> Any:
         except Exception:
             return x
     return xs[0]
+
+
+def _done_oldest(tickets: deque[Ticket | None] | None) -> Callable[[int], None]:
+    """The ``done(n)`` of a sink that takes lists: the oldest ``n`` items it was given
+    and has not reported yet are handled (one release for all of them)."""
+    if tickets is None:
+        return _done_untracked
+
+    def done(n: int) -> None:
+        if n > len(tickets):
+            raise ValueError(f"done({n}) reports more items than the stage holds "
+                             f"({len(tickets)})")
+        popleft = tickets.popleft
+        release([popleft() for _ in range(n)])
+    return done
+
+
+def _done_untracked(n: int) -> None:
+    return None
 
 
 def _releaser(t: Ticket) -> Callable[[], None]:

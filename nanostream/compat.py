@@ -184,15 +184,24 @@ def _sender_source(sender: NanoStreamSender) -> Callable[..., Any]:
         runner = ctx._runner      # the core's source runner: its emit() does the puts
         emit = runner.emit
 
+        told = False  # the sender was told to stop (a sender may swallow that)
+
         def put(message: Any) -> None:
-            if ctx.stopping:
+            # A message handed over is inside the pipeline, like an item a source
+            # generator yielded: it goes out even when a stop(drain=True) landed just
+            # before (dropping it here lost it: the sender had counted it as sent);
+            # the sender is stopped after it. An abort (drain=False) refuses it.
+            nonlocal told
+            if told:
                 raise _SenderStopped
             try:
                 emit([message])
             except Aborted:
+                told = True
                 raise _SenderStopped from None
             runner.items_out += 1
             if runner.outs_dead() or ctx.stopping:
+                told = True
                 raise _SenderStopped
 
         previous = getattr(_current, "put", None)

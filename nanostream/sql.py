@@ -23,12 +23,12 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from itertools import groupby
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from itertools import groupby, islice
 from operator import itemgetter
 from typing import Any
 
-from . import _io, _runtime
+from . import _io
 from ._runtime import TICK
 from ._stage import SINK, SOURCE, Stage, repr_short
 
@@ -39,12 +39,6 @@ __all__ = ["sql_sink", "sql_source"]
 
 TICK_EVERY = 0.1   # seconds of idle input after which a sink with a partial batch looks
                    # at its clock (flush_interval itself is measured on that clock)
-CLOCK_MASK = 7     # ... which it also reads on every 8th row of a batch (not on each:
-                   # that would cost the hot loop some 10 % of its time)
-
-_first = itemgetter(0)
-_second = itemgetter(1)
-_NOOP = getattr(_runtime, "_noop", None)   # the done() of untracked items: skip the call
 
 _IDENT = r"[^\W\d]\w*"    # a plain identifier: what create=True accepts as a column name
 _SECRET_KEYS = {"password", "passwd", "pwd", "sslpassword", "secret", "token", "api_key",
@@ -546,8 +540,8 @@ def sql_sink(url: Any, table: str, batch_size: int = 500, *,
       as primary key.
     * A partial batch is committed once ``flush_interval`` seconds have passed since
       its first row (``None``: only when full), measured on ``clock`` (default
-      ``time.monotonic``) and checked whenever the input has been idle for 0.1 s and
-      on every 8th row; and at the end of the stream. ``run.stop(drain=False)`` and a
+      ``time.monotonic``) and checked whenever rows arrive and whenever the input has
+      been idle for 0.1 s; and at the end of the stream. ``run.stop(drain=False)`` and a
       failed run discard it uncommitted.
     * Completion tracking: a row counts as handled only once its batch has committed.
     * A bad row (a constraint it breaks, a key that is not a column, a value the
@@ -594,7 +588,7 @@ def sql_sink(url: Any, table: str, batch_size: int = 500, *,
     kwargs.update({k: v for k, v in given.items() if v != defaults[k]})
     tick = None if flush_interval is None else min(flush_interval, TICK_EVERY)
     return Stage(_sql_sink, SINK, {**_io.stage_options("sql_sink", options), "stream": True},
-                 kwargs=kwargs, internal={"with_done": True, "tick": tick, "context": True})
+                 kwargs=kwargs, internal={"lists": True, "tick": tick, "context": True})
 
 
 def _check_key(key: Any) -> tuple[str, ...] | None:
@@ -706,9 +700,9 @@ class _Writer:
         got = self.prepared[cols] = self.db.prepare(self.table, self.schema, cols, self.key)
         return got
 
-    def write(self, pending: list[tuple[Any, Callable[[], None]]]) -> None:
-        """Commit one batch of ``(row, done)`` pairs, then mark the rows handled."""
-        rows = list(map(_first, pending))
+    def write(self, rows: list[Any]) -> None:
+        """Commit one batch of rows (all of them, or, under a skipping ``on_error``,
+        the good ones); raises if the batch cannot be committed."""
         if self.columns is None:
             self._create(rows)
         first = rows[0]
@@ -726,10 +720,6 @@ class _Writer:
                 self._careful(rows)
         else:
             self._careful(rows)
-        dones = list(map(_second, pending))
-        if dones.count(_NOOP) != len(dones):
-            for done in dones:
-                done()
 
     def _transaction(self, runs: list[tuple[tuple[Any, Any], list[Any]]]) -> None:
         db = self.db
@@ -794,45 +784,75 @@ class _RowTrouble(Exception):
     """A batch failed on some row's data: find the row(s) one at a time."""
 
 
-def _sql_sink(items: Iterator[Any], *, url: _Url, table: str, batch_size: int = 500,
+def _sql_sink(items: Iterable[Any], *, url: _Url, table: str, batch_size: int = 500,
               key: tuple[str, ...] | None = None, create: bool = False,
               schema: str | None = None, flush_interval: float | None = 1.0,
-              clock: Callable[[], float] | None = None, ctx: Any = None) -> None:
+              clock: Callable[[], float] | None = None, ctx: Any = None,
+              lists: bool = False, done: Callable[[int], None] | None = None) -> None:
+    """Write ``items`` in batches. In a run (``lists``) the runtime hands over lists
+    of rows (and ``TICK`` when the input idles) and ``done(n)`` reports the oldest
+    ``n`` rows handled; called directly, ``items`` are the rows themselves."""
     ctx = ctx or _io.DetachedContext("sql_sink")
+    if not lists:
+        items = _in_lists(items, batch_size)
+    report = done or _nothing_done
     now = clock or time.monotonic
     writer = _Writer(ctx, url, table, key, create, schema)
     try:
-        # the hot loop: one append per row; the clock is read on a batch's first row,
-        # then every CLOCK_EVERY rows and on every idle TICK
-        pending: list[tuple[Any, Callable[[], None]]] = []
-        append = pending.append
+        # rows arrive in lists: no per-row work here. The clock is read as a list
+        # arrives (the first row's time starts a batch's flush_interval) and on every
+        # idle TICK
+        pending: list[Any] = []
         started = 0.0
         timed = flush_interval is not None
         interval = flush_interval or 0.0
-        for pair in items:
-            if pair is TICK:
+        for rows in items:
+            if rows is TICK:
                 if pending and now() - started >= interval:
                     writer.write(pending)
+                    report(len(pending))
                     pending = []
-                    append = pending.append
                 continue
-            append(pair)
+            if not rows:
+                continue
+            if pending:
+                pending += rows
+            else:
+                pending = rows   # the runtime's lists are the stage's to keep
+                if timed:
+                    started = now()
             n = len(pending)
             if n >= batch_size:
-                writer.write(pending)
-                pending = []
-                append = pending.append
-            elif timed and n & CLOCK_MASK == 1:
-                if n == 1:
+                i = 0
+                while n - i >= batch_size:
+                    writer.write(pending[i:i + batch_size])
+                    report(batch_size)   # a row is handled once its batch committed
+                    i += batch_size
+                pending = pending[i:]
+                if pending and timed:
                     started = now()
-                elif now() - started >= interval:
-                    writer.write(pending)
-                    pending = []
-                    append = pending.append
+            elif timed and now() - started >= interval:
+                writer.write(pending)
+                report(n)
+                pending = []
         if pending:
             writer.write(pending)
+            report(len(pending))
     finally:
         writer.close()
+
+
+def _in_lists(rows: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    it = iter(rows)
+    while True:
+        chunk = list(islice(it, size))
+        if not chunk:
+            return
+        yield chunk
+
+
+def _nothing_done(n: int) -> None:
+    return None
 
 
 # -- the source --------------------------------------------------------------------------

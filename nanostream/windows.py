@@ -27,6 +27,10 @@ dropped. Keyed, sliding and time windows name the items behind each window they
 emit (the runtime's ``explicit_tracking`` hook); an unkeyed ``tumbling(size=n)``
 emits each window right after taking its last item, which the runtime's default
 rule (an output covers the items taken since the previous one) already gets right.
+
+Speed: in a run without tracking, unkeyed count windows take their input as the
+lists the runtime moves between threads (``internal={"lists": True}``) and slice
+their windows out of them, with no Python work per item.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ import operator
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from itertools import count, islice, repeat
+from itertools import chain, count, islice, repeat
 from typing import Any, NamedTuple
 
 from ._errors import StageError
@@ -72,6 +76,10 @@ class Window(NamedTuple):
     start: Any
     end: Any
     value: Any
+
+
+# Window(*fields) without the Python-level __new__ of a NamedTuple: for the hot loops
+_new_window = functools.partial(tuple.__new__, Window)
 
 
 # -- shared helpers (also used by nanostream.operators) ----------------------------
@@ -192,14 +200,17 @@ def _stage_options(op: str, options: dict[str, Any], params: Iterable[str],
 
 
 def _stage(fn: Callable[..., Any], options: dict[str, Any], kwargs: dict[str, Any],
-           tick: float | None = None, explicit: bool = False) -> Stage:
+           tick: float | None = None, explicit: bool = False, lists: bool = False) -> Stage:
     """A stream stage running ``fn(items, ctx=..., **kwargs)``.
 
     ``fn`` gets the runtime's stage context (``ctx``: the effective name and
     ``on_error``, abortable ``sleep``; its outputs are buffered, so emitting is
     cheap). With ``explicit``, it also does its own completion tracking: it takes
     ``(item, token)`` pairs, yields ``(output, tokens)`` pairs and calls
-    ``release(tokens)`` once an item will be in no further output.
+    ``release(tokens)`` once an item will be in no further output. With ``lists``,
+    an untracked run calls it with ``lists=True`` and the input as lists of items
+    (so it can slice them instead of taking item by item); tracked, it takes items
+    as above.
 
     The stage's kwargs (shown in its repr) are the arguments the user set; the
     stage name and error policy the function reports with when called directly, and
@@ -214,6 +225,8 @@ def _stage(fn: Callable[..., Any], options: dict[str, Any], kwargs: dict[str, An
         internal["tick"] = tick
     if explicit:
         internal["explicit_tracking"] = True
+    if lists:
+        internal["lists"] = True
     return Stage(functools.partial(fn, **hidden), TRANSFORM, options, kwargs=shown,
                  internal=internal)
 
@@ -296,39 +309,109 @@ def _key_of(key: Callable[[Any], Any] | None, fail: _Errors, x: Any) -> Any:
 
 def _chunks(items: Iterable[Any], size: int, step: int | None = None,
             key: None = None, agg: Callable[[list[Any]], Any] | None = None,
-            name: str = "tumbling", on_error: Any = "raise", ctx: Any = None
-            ) -> Iterator[Window]:
+            name: str = "tumbling", on_error: Any = "raise", ctx: Any = None,
+            lists: bool = False) -> Iterator[Window]:
     """Unkeyed tumbling count windows (``step`` is None or ``size``; no ``key``):
     consecutive chunks, each emitted right after its last item is pulled
     (toolz.partition_all holds a chunk back until the next one is full), so the
-    runtime's default tracking rule is exact for them."""
+    runtime's default tracking rule is exact for them. With ``lists`` (an untracked
+    run) the input comes as lists, cut into windows by slicing."""
     fail = _Errors(name, on_error, ctx)
-    it = iter(items)
     start = 0
+    for chunk in _regroup(items, size) if lists else _islices(iter(items), size):
+        end = start + len(chunk)
+        if agg is None:
+            yield _new_window((None, start, end, chunk))
+        else:
+            try:
+                value = agg(chunk)
+            except Exception as exc:
+                fail(Window(None, start, end, chunk), exc)
+            else:
+                yield _new_window((None, start, end, value))
+        start = end
+
+
+def _islices(it: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive lists of ``size`` items of ``it`` (the last may be short)."""
     while True:
         chunk = list(islice(it, size))
         if not chunk:
             return
-        end = start + len(chunk)
-        w = Window(None, start, end, chunk) if agg is None else _make(
-            agg, fail, None, start, end, chunk)
-        if w is not _SKIP:
-            yield w
-        start = end
+        yield chunk
+
+
+def _regroup(lists: Iterable[list[Any]], size: int) -> Iterator[list[Any]]:
+    """Consecutive lists of ``size`` items (the last may be short) cut from an
+    iterator of lists, by slicing: no Python work per item. The input lists are
+    the caller's to give away (one may become the start of a chunk)."""
+    buf: list[Any] = []
+    for lst in lists:
+        n = len(lst)
+        i = 0
+        if buf:
+            i = size - len(buf)
+            buf += lst[:i]
+            if len(buf) < size:
+                continue
+            yield buf
+            buf = []
+        while n - i >= size:
+            yield lst[i:i + size]
+            i += size
+        if i < n:
+            buf = lst[i:] if i else lst
+    if buf:
+        yield buf
 
 
 def _count_windows(items: Iterable[Any], size: int, step: int | None = None,
                    key: Callable[[Any], Any] | None = None,
                    agg: Callable[[list[Any]], Any] | None = None,
                    name: str = "window", on_error: Any = "raise", ctx: Any = None,
-                   release: Callable[[Iterable[Any]], None] | None = None) -> Iterator[Any]:
-    """Keyed and/or sliding count windows (explicit tracking)."""
+                   release: Callable[[Iterable[Any]], None] | None = None,
+                   lists: bool = False) -> Iterator[Any]:
+    """Keyed and/or sliding count windows (explicit tracking). With ``lists`` (an
+    untracked run of unkeyed sliding windows) the input comes as lists, windows are
+    sliced from them and nothing is tracked."""
     fail = _Errors(name, on_error, ctx)
     step = size if step is None else step
-    if release is None:  # called directly
+    if lists:
+        if key is None:
+            return _sliding_lists(items, size, step, agg, fail)
+        items = chain.from_iterable(items)
+    if release is None:  # called directly, or untracked lists
         return _direct(_count_core(_paired(items), size, step, key, agg, fail,
                                    _release_nothing))
     return _count_core(items, size, step, key, agg, fail, release)
+
+
+def _sliding_lists(lists: Iterable[list[Any]], size: int, step: int,
+                   agg: Callable[[list[Any]], Any] | None, fail: _Errors) -> Iterator[Any]:
+    """Unkeyed count windows sliced from lists of items (the rules of _count_core)."""
+    buf: list[Any] = []  # the items from the next window's start on (fewer than size)
+    start = 0            # the position of buf[0]
+    covered = 0          # the end of the last window emitted
+    for lst in lists:
+        data = buf + lst if buf else lst
+        n = len(data)
+        off = 0
+        while n - off >= size:
+            first = start + off
+            w = _make(agg, fail, None, first, first + size, data[off:off + size])
+            if w is not _SKIP:
+                yield w
+            covered = first + size
+            off += step
+        buf = data[off:] if off else data
+        start += off
+    # end of stream: the next window goes out partial if it has items no emitted
+    # window holds
+    end = start + len(buf)
+    if buf and end > covered:
+        w = _make(agg, fail, None, start, end, buf)
+        if w is not _SKIP:
+            yield w
 
 
 def _count_core(pairs: Iterable[Any], size: int, step: int,
@@ -714,8 +797,8 @@ def _window(op: str, *, size: Any, step: Any, seconds: Any, timestamp: Any, late
         kwargs = {"size": size, "step": step, "key": key, "agg": agg,
                   **_policy_kwargs(opts, op)}
         if key is None and (step is None or step == size):
-            return _stage(_chunks, opts, kwargs)
-        return _stage(_count_windows, opts, kwargs, explicit=True)
+            return _stage(_chunks, opts, kwargs, lists=True)
+        return _stage(_count_windows, opts, kwargs, explicit=True, lists=key is None)
     _check_seconds("seconds", op, seconds)
     if step is not None:
         _check_seconds("step", op, step)

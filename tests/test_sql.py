@@ -468,6 +468,76 @@ def test_stop_with_drain_commits_what_is_inside(db):
     assert [r[0] for r in db.rows(t)] == list(range(n))
 
 
+def tracked_rows(data, done):
+    """A tracking source of ``data`` (not in-memory: rows reach the sink through its
+    channel, in the lists the runtime moves); ``done`` collects the rows handled."""
+    @ns.source(track=True)
+    def tracked():
+        for row in data:
+            yield row, (lambda i=row["id"]: done.append(i))
+    return tracked()
+
+
+@pytest.mark.parametrize("feed", ["memory", "tracked"])
+def test_many_batches_out_of_each_list_a_bad_row_fails_only_its_own(db, feed):
+    t = db.table()
+    data = rows(1000)
+    data[557] = {"id": 3, "name": "duplicate id"}     # in the batch of rows 500-599
+    done = []
+    src = ns.from_iterable(data) if feed == "memory" else tracked_rows(data, done)
+    err = stage_error(src | ns.sql_sink(db.url, t, batch_size=100, flush_interval=None))
+    assert err.item == {"id": 3, "name": "duplicate id"}
+    assert [r[0] for r in db.rows(t)] == list(range(500))   # the batches before it, whole
+    if feed == "tracked":
+        assert done == list(range(500))   # a row is handled once its batch committed
+
+
+def test_skipped_rows_count_as_handled_with_their_batch(db):
+    t = db.table()
+    data = rows(10)
+    data[2] = {"id": 0, "name": "dup"}
+    data[7] = {"id": 7, "nope": 1}
+    done = []
+    report = (tracked_rows(data, done)
+              | ns.sql_sink(db.url, t, batch_size=4, on_error="skip")).run()
+    assert [r[0] for r in db.rows(t)] == [0, 1, 3, 4, 5, 6, 8, 9]
+    assert report["sql_sink"].errors == 2
+    assert sorted(done) == sorted(r["id"] for r in data)   # the skipped two included
+
+
+def test_stop_without_drain_commits_nothing_of_the_open_batch(db):
+    t = db.table()
+    got = threading.Event()
+    done = []
+
+    @ns.source(track=True)
+    def endless():
+        i = 0
+        while True:
+            yield {"id": i, "name": "x"}, (lambda i=i: done.append(i))
+            i += 1
+            if i == 10:
+                got.set()
+
+    run = (endless() | ns.sql_sink(db.url, t, batch_size=10_000, flush_interval=None)).start()
+    assert got.wait(10)
+    run.stop(drain=False)
+    run.join(10)
+    assert db.count(t) == 0
+    assert done == []
+
+
+def test_the_sink_called_directly_writes_its_rows(db):
+    t = db.table()
+    sink = ns.sql_sink(db.url, t, batch_size=2)
+    assert sink(rows(5)) is None
+    assert [r[0] for r in db.rows(t)] == [0, 1, 2, 3, 4]
+    with pytest.raises(ns.StageError, match="sql_sink") as ei:
+        sink(rows(3, start=5) + [{"id": 0, "name": "dup"}])
+    assert ei.value.item == {"id": 0, "name": "dup"}
+    assert [r[0] for r in db.rows(t)] == [0, 1, 2, 3, 4, 5, 6]   # the batch (7, dup) rolled back
+
+
 # -- names, reprs, secrets ------------------------------------------------------------
 
 

@@ -571,3 +571,65 @@ def test_windows_after_a_flat_map_report_every_item_done():
     (src() | twice | ns.tumbling(size=2, key=lambda x: x % 2) | sink(out.append)).run()
     assert sorted(done) == list(range(6))
     assert sorted(v for w in out for v in w.value) == sorted(list(range(6)) * 2)
+
+
+# -- sinks that take lists and report done(n) -------------------------------------------------
+
+def lists_sink(body, name="lists"):
+    """An internal sink taking lists (``internal={"lists": True}``), as sql_sink is."""
+    from nanostream._stage import Stage
+
+    def fn(items, ctx=None, lists=False, done=None):
+        assert lists, "the runtime hands this stage lists"
+        body(items, done)
+
+    return Stage(fn, "sink", {"name": name, "stream": True},
+                 internal={"lists": True, "context": True})
+
+
+def test_a_lists_sink_reports_the_oldest_items_with_done_n():
+    led = Ledger()
+    seen, reports = [], []
+
+    def body(items, done):
+        held = 0
+        for chunk in items:
+            assert isinstance(chunk, list)
+            assert chunk, "non-empty lists of bare items"
+            seen.extend(chunk)
+            held += len(chunk)
+            while held >= 3:
+                before = set(led.done)
+                done(3)  # the oldest three held are handled, and only they
+                reports.append(set(led.done) - before)
+                held -= 3
+        done(held)
+
+    (led.source(ITEMS)() | lists_sink(body)).run()
+    assert seen == ITEMS
+    assert reports == [set(ITEMS[i:i + 3]) for i in range(0, 39, 3)]
+    led.check_all_done(ITEMS)
+
+
+def test_a_lists_sink_reporting_more_than_it_holds_fails_the_run():
+    led = Ledger()
+
+    def body(items, done):
+        for chunk in items:
+            done(len(chunk) + 1)
+
+    with pytest.raises(ns.StageError, match="reports more items than the stage holds"):
+        (led.source(ITEMS)() | lists_sink(body)).run()
+    assert led.done == Counter()
+
+
+def test_an_untracked_lists_sink_may_report_without_cost():
+    seen = []
+
+    def body(items, done):
+        for chunk in items:
+            seen.extend(chunk)
+            done(len(chunk))
+
+    (ns.from_iterable(ITEMS) | lists_sink(body)).run()
+    assert seen == ITEMS

@@ -824,3 +824,129 @@ def test_agg_errors_are_counted_in_the_report():
     assert seen == [[1, "x"], ["x", 2]]
     assert report["sliding"].errors == 2
     assert report["sliding"].items_out == 0
+
+
+# -- the list handoff ---------------------------------------------------------------------------
+#
+# In an untracked run, tumbling / sliding count windows (unkeyed) and batch(size) take
+# their input as the lists the runtime moves and slice windows out of them. Tracked
+# runs and direct calls take items one by one. Both must give the same windows.
+
+def split(xs, cuts):
+    """``xs`` cut into consecutive lists at the sorted positions ``cuts`` (empty lists
+    included where two cuts coincide)."""
+    out, prev = [], 0
+    for c in sorted(cuts):
+        out.append(xs[prev:c])
+        prev = c
+    out.append(xs[prev:])
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(), max_size=60), st.integers(1, 8), st.data())
+def test_windows_sliced_from_lists_match_the_item_path(xs, size, data):
+    step = data.draw(st.integers(1, size))
+    lists = split(xs, data.draw(st.lists(st.integers(0, len(xs)), max_size=8)))
+    for stage in (ns.sliding(size=size, step=step), ns.tumbling(size=size, agg=sum),
+                  ns.batch(size)):
+        by_item = list(stage(xs))
+        by_list = stage.fn(iter([list(c) for c in lists]), lists=True, **stage.kwargs)
+        assert list(by_list) == by_item
+
+
+def generated(xs):
+    @ns.source(name="gen")
+    def gen():
+        yield from xs  # not in-memory data: it reaches the stage through its channel
+    return gen()
+
+
+@pytest.mark.parametrize("feed", ["memory", "range", "tuple", "iterator", "channel", "tracked"])
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 2500])
+def test_list_path_windows_in_a_pipeline(feed, n):
+    """Empty stream, one item, end of stream mid-window, many lists; read in the
+    stage's thread (sliced from a list, range or tuple, or taken from a list's
+    iterator), through a channel, and tracked (item by item)."""
+    xs = list(range(n))
+    done = []
+
+    @ns.source(track=True, name="gen")
+    def tracked():
+        for x in xs:
+            yield x, (lambda x=x: done.append(x))
+
+    def source():
+        return {"memory": lambda: ns.from_iterable(xs), "range": lambda: ns.from_iterable(range(n)),
+                "tuple": lambda: ns.from_iterable(tuple(xs)),
+                "iterator": lambda: ns.from_iterable(iter(xs)),
+                "channel": lambda: generated(xs), "tracked": tracked}[feed]()
+
+    assert values(source() | ns.tumbling(size=3)) == [list(p) for p in toolz.partition_all(3, xs)]
+    assert values(source() | ns.tumbling(size=3, agg=sum)) == [
+        sum(p) for p in toolz.partition_all(3, xs)]
+    assert [(w.start, w.value) for w in source() | ns.sliding(size=4, step=3)] == [
+        (s, list(v)) for s, v in ref_sliding(xs, 4, 3)]
+    assert list(source() | ns.batch(4)) == [list(p) for p in toolz.partition_all(4, xs)]
+    if feed == "tracked":
+        assert sorted(done) == sorted(xs * 4)
+
+
+@pytest.mark.parametrize("feed", ["memory", "channel"])
+def test_a_failing_agg_inside_a_list_blames_its_window(feed):
+    xs = list(range(100))
+    xs[57] = "x"   # window [55, 60) of a list of many windows
+    src = ns.from_iterable(xs) if feed == "memory" else generated(xs)
+    with pytest.raises(ns.StageError, match=r"stage 'tumbling' failed on item Window") as ei:
+        (src | ns.tumbling(size=5, agg=sum) | ns.sink(lambda w: None)).run()
+    assert ei.value.item == Window(None, 55, 60, [55, 56, "x", 58, 59])
+    assert isinstance(ei.value.__cause__, TypeError)
+
+    src = ns.from_iterable(xs) if feed == "memory" else generated(xs)
+    out = []
+    report = (src | ns.sliding(size=5, step=5, agg=sum, on_error="skip")
+              | ns.sink(out.append)).run()
+    assert [w.start for w in out] == [s for s in range(0, 100, 5) if s != 55]
+    assert report["sliding"].errors == 1
+
+
+@pytest.mark.parametrize("drain", [True, False])
+def test_stop_flushes_or_abandons_the_open_window_of_the_list_path(drain):
+    taken = threading.Event()
+    out = []
+
+    @ns.source(name="endless")
+    def endless():
+        i = 0
+        while True:
+            yield i
+            i += 1
+            if i == 5:
+                taken.set()
+
+    run = (endless() | ns.tumbling(size=10**9, agg=len) | ns.sink(out.append)).start()
+    assert taken.wait(10)
+    run.stop(drain=drain)
+    run.join(10)
+    n = run.stats()["tumbling"].items_in
+    assert n >= 5
+    assert out == ([Window(None, 0, n, n)] if drain else [])
+
+
+def test_a_slow_window_stage_over_in_memory_data_passes_its_first_windows_on_early():
+    """In-memory data is read in small slices first: the windows of the first slice
+    reach the sink while the stage still works (it waits here, inside agg, until the
+    sink has the first window; reading 1024 items first would never get there)."""
+    first = threading.Event()
+
+    def agg(items):
+        if items[0] == 100:
+            assert first.wait(10), "the first window was held back"
+        return items[0]
+
+    def store(w):
+        first.set()
+
+    report = (ns.from_iterable(range(2000)) | ns.tumbling(size=1, agg=agg)
+              | ns.sink(store)).run()
+    assert report["tumbling"].items_out == 2000
