@@ -21,10 +21,11 @@ from __future__ import annotations
 import contextlib
 import csv
 import gzip
+import itertools
 import json
 import os
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from operator import methodcaller
 from typing import Any
 
@@ -337,6 +338,18 @@ def _read_csv(path: Any, *, ctx: Any = None, delimiter: str = ",",
 
 # -- sinks -------------------------------------------------------------------------------
 
+def _nothing() -> None:
+    pass
+
+
+def _direct(items: Iterable[Any], ctx: Any) -> Iterable[Any]:
+    """In a run the runtime hands a writer ``(item, done)`` pairs; called directly
+    (``write_lines(path)(items)``, no ``ctx``) it gets the items themselves."""
+    if ctx is not None:
+        return items
+    return zip(items, itertools.repeat(_nothing))
+
+
 def _sink(fn: Callable[..., Any], name: str, path: str, kwargs: dict[str, Any],
           defaults: dict[str, Any], options: dict[str, Any]) -> Stage:
     """A stream sink stage; only non-default keyword arguments are kept, for a short repr."""
@@ -407,8 +420,9 @@ def write_lines(path: PathArg, *, append: bool = False, encoding: str = "utf-8",
                  dict(append=False, encoding="utf-8"), options)
 
 
-def _write_lines(items: Iterator[Any], *, path: str, append: bool = False,
+def _write_lines(items: Iterable[Any], *, path: str, append: bool = False,
                  encoding: str = "utf-8", ctx: Any = None) -> None:
+    items = _direct(items, ctx)
     with _writing("write_lines", path), _open_for_writing("write_lines", path, append, encoding) as f:
         out = _Flusher(f)
         write, dones = f.write, out.dones
@@ -454,9 +468,10 @@ def write_jsonl(path: PathArg, *, append: bool = False, encoding: str = "utf-8",
                  dict(append=False, encoding="utf-8", default=None), options)
 
 
-def _write_jsonl(items: Iterator[Any], *, path: str, append: bool = False,
+def _write_jsonl(items: Iterable[Any], *, path: str, append: bool = False,
                  encoding: str = "utf-8", default: Callable[[Any], Any] | None = None,
                  ctx: Any = None) -> None:
+    items = _direct(items, ctx)
     ctx = ctx or _io.DetachedContext("write_jsonl")
     encode = json.JSONEncoder(ensure_ascii=False, default=default).encode
     with _writing("write_jsonl", path), _open_for_writing("write_jsonl", path, append, encoding) as f:
@@ -525,9 +540,10 @@ def _existing_header(path: str, encoding: str, delimiter: str) -> list[str] | No
         return None
 
 
-def _write_csv(items: Iterator[Any], *, path: str, fieldnames: list[str] | None = None,
+def _write_csv(items: Iterable[Any], *, path: str, fieldnames: list[str] | None = None,
                delimiter: str = ",", append: bool = False, encoding: str = "utf-8",
                ctx: Any = None) -> None:
+    items = _direct(items, ctx)
     ctx = ctx or _io.DetachedContext("write_csv")
     header = fieldnames
     write_header = True

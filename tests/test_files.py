@@ -487,3 +487,28 @@ def test_the_guide_examples_run(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "['started', 'request served']" in out
     assert "{'item-0': 166833, 'item-1': 166167, 'item-2': 166500}" in out
+
+
+@pytest.mark.parametrize("name", ["out.txt", "out.jsonl", "out.csv", "out.jsonl.gz"])
+def test_a_writer_called_directly_writes_its_items(tmp_path, name):
+    """``write_lines(path)(items)`` outside a pipeline writes the items themselves (it
+    used to expect the runtime's (item, done) pairs and failed to unpack them)."""
+    path = str(tmp_path / name)
+    rows = [{"id": 1, "name": "ada"}, {"id": 2, "name": "bob"}]
+    if name.endswith(".txt"):
+        ns.write_lines(path)(iter(["a", 1]))
+        assert list(ns.read_lines(path)) == ["a", "1"]
+    elif name.endswith(".csv"):
+        ns.write_csv(path)(rows)
+        assert list(ns.read_csv(path)) == [{"id": "1", "name": "ada"}, {"id": "2", "name": "bob"}]
+    else:
+        ns.write_jsonl(path)(rows)
+        assert list(ns.read_jsonl(path)) == rows
+
+
+def test_a_writer_called_directly_names_a_bad_item(tmp_path):
+    path = tmp_path / "out.jsonl"
+    with pytest.raises(ns.StageError, match="write_jsonl.*not JSON serializable") as err:
+        ns.write_jsonl(str(path))([{"a": 1}, {1, 2}])
+    assert err.value.item == {1, 2}
+    assert path.read_text() == '{"a": 1}\n'
