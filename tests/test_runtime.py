@@ -1424,3 +1424,26 @@ def test_take_on_huge_in_memory_data_reads_only_what_it_needs():
     assert list(range(10**12) | ns.take(3)) == [0, 1, 2]
     assert list(ns.from_iterable(range(10**12)) | ns.tumbling(size=2) | ns.take(1))[0].value \
         == [0, 1]
+
+
+
+def test_no_worker_process_outlives_the_run():
+    """run() returns only after every worker process exited and was reaped (it used to
+    return as the workers were told to end, leaving them running behind it)."""
+    import os
+
+    def exit_slowly(x):  # nested, so shipped by value: the worker imports no test module
+        import atexit
+        import os
+        import time
+        atexit.register(time.sleep, 0.3)  # the work of exiting, e.g. flushing a client
+        return os.getpid()
+
+    pids = set(list(range(4) | transform(exit_slowly, executor="process")))
+    assert pids
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue  # gone, and reaped
+        pytest.fail(f"worker process {pid} outlived the run")
