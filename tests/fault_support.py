@@ -167,10 +167,13 @@ class Graph:
 @dataclass(frozen=True)
 class Example:
     graph: Graph
-    action: str = "end"     # end, stop, collect, break
+    action: str = "end"     # end, stop, collect, break, timeout (run(timeout=...))
     drain: bool = True      # for stop
-    trigger: int = 0        # stop / break after this many items (or a block)
+    trigger: int = 0        # stop / break after this many items (or a block); stop at 0:
+                            # at once, while the stage threads are still starting
     hold: float = 0.0       # seconds a block holds when nothing stops the run
+    fuse: bool = True       # Run.fuse: single-worker chains run fused in one thread
+    timeout: float | None = None  # stop(drain=True, timeout=...) / run(timeout=...)
 
     def stages(self) -> list[StageSpec]:
         g = self.graph
@@ -569,7 +572,11 @@ def run_example(ex: Example, tally: Tally | None = None) -> None:
     cap = _LogCapture()
     logger.addHandler(cap)
     out = Outcome()
-    run = Run(b.pipeline, collect=ex.graph.open_end)
+    fuse, Run.fuse = Run.fuse, ex.fuse
+    try:
+        run = Run(b.pipeline, collect=ex.graph.open_end)
+    finally:
+        Run.fuse = fuse
     t0 = time.monotonic()
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -604,17 +611,21 @@ def _stopping(run: Run) -> bool:
 
 def _release(ex: Example, run: Run, rec: Recorder, out: Outcome) -> None:
     """Free a blocked stage once the test's stop (or an abort) is under way; when nothing
-    stops the run, after the example's hold. Past RELEASE_AFTER the run missed a stop."""
+    stops the run, after the example's hold. With a timeout (stop's or run's) only the
+    abort that the timeout brings frees it. Past RELEASE_AFTER the run missed a stop."""
     deadline = time.monotonic() + RELEASE_AFTER
     reached_at: float | None = None
+    by_abort = ex.timeout is not None and ex.action in ("stop", "timeout")
     try:
         while not rec.release.is_set():
-            if run._started and _stopping(run):
+            if run._started and (run._aborted or run._done.is_set()
+                                 or (not by_abort and _stopping(run))):
                 break
             if rec.block_reached.is_set():
                 if reached_at is None:
                     reached_at = time.monotonic()
-                if ex.action != "stop" and time.monotonic() - reached_at >= ex.hold:
+                if ex.action in ("end", "collect", "break") and \
+                        time.monotonic() - reached_at >= ex.hold:
                     break
             if time.monotonic() > deadline:
                 out.release_late = rec.block_reached.is_set()
@@ -643,15 +654,24 @@ def _drive(ex: Example, run: Run, rec: Recorder, out: Outcome) -> None:
                 out.action_at = out.action_at or time.monotonic()
             else:
                 out.action_at = time.monotonic()
+        elif ex.action == "timeout":
+            out.action_at = time.monotonic()
+            try:
+                run.run_to_end(ex.timeout)
+            except TimeoutError:
+                out.aborted_by_test = True
+            except StageError as err:
+                out.error = err
         else:
             run.start()
             if ex.action == "stop":
-                while not rec.trigger.wait(0.002):
+                while ex.trigger and not rec.trigger.wait(0.002):
                     if run._done.is_set():
                         break
                 out.action_at = time.monotonic()
                 out.aborted_by_test = not ex.drain
-                run.stop(drain=ex.drain)
+                run.stop(drain=ex.drain, timeout=ex.timeout)
+                out.aborted_by_test |= run._aborted  # the drain's timeout abandoned the rest
             else:
                 out.action_at = time.monotonic()
             try:
@@ -734,7 +754,9 @@ def check(b: Built, run: Run, out: Outcome, caught: list[warnings.WarningMessage
     exp = simulate(b, emitted)
     got_sinks = {n: Counter(v) for n, v in rec.sinks.items()}
     got_open = Counter(out.collected)
-    complete = (err is None and not out.aborted_by_test and not run._aborted)
+    if err is None and not out.aborted_by_test and run._aborted:
+        problems.append("the run was aborted, but neither the test nor an error asked for it")
+    complete = err is None and not out.aborted_by_test and not run._aborted
     if complete:
         for name in set(exp.sinks) | set(got_sinks):
             want, got = exp.sinks.get(name, Counter()), got_sinks.get(name, Counter())
@@ -821,8 +843,10 @@ class Tally:
     def add(self, ex: Example, b: Built, out: Outcome, seconds: float) -> None:
         self.examples += 1
         self.seconds += seconds
-        self.actions[ex.action if ex.action != "stop" else
-                     f"stop(drain={ex.drain})"] += 1
+        label = {"end": "run to the end", "collect": "iterate to the end",
+                 "break": "break out of the loop", "timeout": "run(timeout=...)"}.get(
+            ex.action, f"stop(drain={ex.drain}{', timeout' if ex.timeout is not None else ''})")
+        self.actions[label] += 1
         g = ex.graph
         self.shapes["fan-in" if len(g.sources) > 1 else "one source"] += 1
         if g.branches:
@@ -892,7 +916,7 @@ def examples_strategy(process_share: int = 1, force_skip: bool = False) -> Any:
 
     @st.composite
     def sources(draw: Any) -> SourceSpec:
-        n = draw(st.integers(0, 40))
+        n = draw(st.one_of(st.integers(0, 40), st.integers(0, 300)))
         generator = draw(st.booleans())
         fault = None
         if generator and draw(st.integers(0, 3)) == 0:
@@ -931,10 +955,16 @@ def examples_strategy(process_share: int = 1, force_skip: bool = False) -> Any:
 
     @st.composite
     def examples(draw: Any) -> Example:
-        action = draw(st.sampled_from(["end", "stop", "stop", "collect", "break"]))
+        action = draw(st.sampled_from(["end", "stop", "stop", "collect", "break",
+                                       "timeout"]))
         graph = draw(graphs(open_end=action in ("collect", "break")))
-        return Example(graph, action, draw(st.booleans()), draw(st.integers(1, 30)),
-                       draw(st.sampled_from([0.0, 0.005])))
+        drain = draw(st.booleans())
+        timeout = None
+        if action == "timeout" or (action == "stop" and drain and draw(st.booleans())):
+            timeout = draw(st.sampled_from([0.0, 0.02, 0.2]))
+        return Example(graph, action, drain,
+                       draw(st.integers(0 if action == "stop" else 1, 30)),
+                       draw(st.sampled_from([0.0, 0.005])), draw(st.booleans()), timeout)
 
     return examples()
 
