@@ -707,6 +707,27 @@ def test_timeout_stops_the_run_and_raises():
     assert src.closed.is_set()
 
 
+def test_a_stage_error_before_the_timeout_is_what_run_raises(monkeypatch):
+    """A stage failed, and the timeout expired before the failing run had ended: run()
+    raises the StageError, not a TimeoutError that hides it (found by the fault tests)."""
+    real_join = runtime.Run.join
+
+    def join_times_out_after_the_error(self, timeout=None):
+        if timeout is None:
+            return real_join(self, timeout)
+        wait_until(lambda: self.error is not None, "the stage error")
+        return False  # the timeout expires right after the stage failed
+
+    monkeypatch.setattr(runtime.Run, "join", join_times_out_after_the_error)
+
+    def bad(x):
+        raise ValueError(x)
+
+    with pytest.raises(ns.StageError, match="stage 'bad' failed on item 0") as info:
+        (range(3) | transform(bad, name="bad") | sink(lambda x: None)).run(timeout=60)
+    assert isinstance(info.value.__cause__, ValueError)
+
+
 # -- async -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("workers", [1, 3, 8])
