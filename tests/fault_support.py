@@ -119,6 +119,7 @@ class Fault:
     modulus: int     # items x with (x * 7919 + salt) % modulus == 0 are hit
     salt: int = 0
     delay: float = 0.001  # seconds, for slow
+    hard: bool = False    # an async stage's block holds its whole event loop
 
     def hits(self, x: int) -> bool:
         return (x * 7919 + self.salt) % self.modulus == 0
@@ -274,7 +275,8 @@ class ThreadFn:
 
     async def afault(self, x: int) -> None:
         f, rec = self.spec.fault, self.rec
-        if f is not None and f.kind == "block" and f.hits(x) and rec.first_block(self.name):
+        if f is not None and f.kind == "block" and f.hits(x) and not f.hard \
+                and rec.first_block(self.name):
             rec.count()
             rec.block_reached.set()
             rec.trigger.set()
@@ -894,7 +896,8 @@ def examples_strategy(process_share: int = 1, force_skip: bool = False) -> Any:
         if kind == "slow":
             modulus = max(modulus, 2)
         return Fault(kind, modulus, draw(st.integers(0, 97)),
-                     draw(st.sampled_from([0.0005, 0.002])))
+                     draw(st.sampled_from([0.0005, 0.002])),
+                     kind == "block" and executor == "async" and draw(st.booleans()))
 
     @st.composite
     def stages(draw: Any, flavor: str | None = None, allow_process: bool = True) -> StageSpec:
