@@ -561,6 +561,7 @@ class Outcome:
     action_at: float = 0.0
     ended_at: float | None = None
     release_late: bool = False
+    thread_lag: float = 0.0   # seconds from the run's end to its last thread's end
 
 
 def run_example(ex: Example, tally: Tally | None = None) -> None:
@@ -719,6 +720,7 @@ def check(b: Built, run: Run, out: Outcome, caught: list[warnings.WarningMessage
     for t in threading.enumerate():
         if t not in threads_before and t.name.startswith("nanostream"):
             t.join(max(0.0, deadline - time.monotonic()))
+    out.thread_lag = time.monotonic() - out.ended_at
     left = [t.name for t in threading.enumerate()
             if t not in threads_before and t.is_alive() and not t.name.startswith("fault:")]
     if left:
@@ -841,6 +843,7 @@ class Tally:
         self.fired: Counter[str] = Counter()
         self.errors_surfaced = 0
         self.stages = 0
+        self.max_thread_lag = 0.0
 
     def add(self, ex: Example, b: Built, out: Outcome, seconds: float) -> None:
         self.examples += 1
@@ -869,10 +872,12 @@ class Tally:
             self.fired.update(exp.hits)  # process stages: the items their faults hit
         if out.error is not None:
             self.errors_surfaced += 1
+        self.max_thread_lag = max(self.max_thread_lag, out.thread_lag)
 
     def as_dict(self) -> dict[str, Any]:
         return {"examples": self.examples, "seconds": round(self.seconds, 1),
                 "stages": self.stages, "errors_surfaced": self.errors_surfaced,
+                "max_seconds_from_run_end_to_last_thread_end": round(self.max_thread_lag, 3),
                 "actions": dict(self.actions), "executors": dict(self.executors),
                 "shapes": dict(self.shapes), "faults_planned": dict(self.planned),
                 "faults_fired": dict(self.fired)}
