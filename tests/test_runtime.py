@@ -1468,3 +1468,41 @@ def test_no_worker_process_outlives_the_run():
         except ProcessLookupError:
             continue  # gone, and reaped
         pytest.fail(f"worker process {pid} outlived the run")
+
+
+def test_an_abort_while_a_worker_process_starts_ends_that_worker_too(monkeypatch):
+    """The abort's kill of the pool's processes comes before the starting worker is
+    registered: the worker must still end, not take the chunk and run it (here for an
+    hour) while the run waits for it."""
+    import subprocess
+
+    from nanostream._pool import ProcessPool, TaskSpec
+
+    pool = ProcessPool(TaskSpec(time.sleep, "sink", 0, 0.0, True), 1, "unit")
+    real_popen = subprocess.Popen
+    aborting: list[threading.Thread] = []
+
+    def popen(*args, **kwargs):
+        proc = real_popen(*args, **kwargs)
+        t = threading.Thread(target=pool.shutdown, args=(True,))
+        aborting.append(t)
+        t.start()
+        # the abort has killed the processes it knew of and told the threads to end
+        wait_until(lambda: pool._q.qsize() > 0, "the abort to pass its kill loop")
+        return proc
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    fut = pool.submit([3600])
+    try:
+        done = threading.Thread(target=pool.join, daemon=True)
+        done.start()
+        done.join(WAIT)
+        assert len(aborting) == 1  # the abort came while the worker was starting
+        assert not done.is_alive(), "the worker that started during the abort kept running"
+        assert pool.alive() == []
+        assert fut.done()
+    finally:
+        for proc in pool.alive():
+            proc.kill()
+        for t in aborting:
+            t.join(WAIT)
