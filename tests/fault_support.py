@@ -359,10 +359,12 @@ class ProcessFn:
 # -- building --------------------------------------------------------------------------
 
 class Built:
+    """The pipeline of an example, with its stages' specs and sources by name."""
+
     def __init__(self, ex: Example) -> None:
         self.ex = ex
         self.rec = Recorder()
-        self.names: dict[int, str] = {}       # id(spec position) -> stage name
+        self.expected: Expected | None = None  # set by check()
         self.specs: dict[str, StageSpec] = {}
         self.sources: dict[str, SourceSpec] = {}
         self.source_data: dict[str, list[int]] = {}
@@ -793,7 +795,7 @@ def check(b: Built, run: Run, out: Outcome, caught: list[warnings.WarningMessage
         if extra:
             problems.append(f"the loop got {sorted(extra.elements())[:10]} which plain Python "
                             "does not produce")
-    b.expected = exp  # type: ignore[attr-defined]
+    b.expected = exp
     if problems:
         raise Failure(f"{len(problems)} invariant(s) broken for {ex}:\n- "
                       + "\n- ".join(problems))
@@ -867,9 +869,8 @@ class Tally:
             if spec.fault is not None:
                 self.planned[f"source {spec.fault}"] += 1
         self.fired.update(b.rec.fired)
-        exp = getattr(b, "expected", None)
-        if exp is not None:
-            self.fired.update(exp.hits)  # process stages: the items their faults hit
+        if b.expected is not None:
+            self.fired.update(b.expected.hits)  # process stages: the items their faults hit
         if out.error is not None:
             self.errors_surfaced += 1
         self.max_thread_lag = max(self.max_thread_lag, out.thread_lag)
