@@ -175,6 +175,7 @@ class Example:
     hold: float = 0.0       # seconds a block holds when nothing stops the run
     fuse: bool = True       # Run.fuse: single-worker chains run fused in one thread
     timeout: float | None = None  # stop(drain=True, timeout=...) / run(timeout=...)
+    second_stop: bool = False     # another thread calls stop(drain=not drain) at once too
 
     def stages(self) -> list[StageSpec]:
         g = self.graph
@@ -640,6 +641,13 @@ def _release(ex: Example, run: Run, rec: Recorder, out: Outcome) -> None:
         rec.release.set()
 
 
+def _stop_too(run: Run, drain: bool, out: Outcome) -> None:
+    try:
+        run.stop(drain=drain)
+    except BaseException as exc:
+        out.other.append(exc)
+
+
 def _drive(ex: Example, run: Run, rec: Recorder, out: Outcome) -> None:
     try:
         if ex.action in ("collect", "break"):
@@ -674,8 +682,15 @@ def _drive(ex: Example, run: Run, rec: Recorder, out: Outcome) -> None:
                     if run._done.is_set():
                         break
                 out.action_at = time.monotonic()
-                out.aborted_by_test = not ex.drain
+                out.aborted_by_test = not ex.drain or ex.second_stop
+                other = None
+                if ex.second_stop:
+                    other = threading.Thread(target=_stop_too, args=(run, not ex.drain, out),
+                                             name="fault:second-stop", daemon=True)
+                    other.start()
                 run.stop(drain=ex.drain, timeout=ex.timeout)
+                if other is not None:
+                    other.join(BOUND)
                 out.aborted_by_test |= run._aborted  # the drain's timeout abandoned the rest
             else:
                 out.action_at = time.monotonic()
@@ -852,7 +867,8 @@ class Tally:
         self.seconds += seconds
         label = {"end": "run to the end", "collect": "iterate to the end",
                  "break": "break out of the loop", "timeout": "run(timeout=...)"}.get(
-            ex.action, f"stop(drain={ex.drain}{', timeout' if ex.timeout is not None else ''})")
+            ex.action, f"stop(drain={ex.drain}{', timeout' if ex.timeout is not None else ''})"
+            + (" + a concurrent stop" if ex.second_stop else ""))
         self.actions[label] += 1
         g = ex.graph
         self.shapes["fan-in" if len(g.sources) > 1 else "one source"] += 1
@@ -973,7 +989,8 @@ def examples_strategy(process_share: int = 1, force_skip: bool = False) -> Any:
             timeout = draw(st.sampled_from([0.0, 0.02, 0.2]))
         return Example(graph, action, drain,
                        draw(st.integers(0 if action == "stop" else 1, 30)),
-                       draw(st.sampled_from([0.0, 0.005])), draw(st.booleans()), timeout)
+                       draw(st.sampled_from([0.0, 0.005])), draw(st.booleans()), timeout,
+                       action == "stop" and draw(st.integers(0, 3)) == 0)
 
     return examples()
 
