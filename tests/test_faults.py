@@ -8,7 +8,7 @@ within a bound, that the first error surfaces once as a ``StageError`` naming th
 right stage and item, that no thread or process is left behind, and, when the run
 was not aborted, that every emitted item was handled or reported.
 
-``NANOSTREAM_FAULT_EXAMPLES=N`` sets the total number of examples (default 300,
+``NANOSTREAM_FAULT_EXAMPLES=N`` sets the total number of examples (default 400,
 split between the tests); ``NANOSTREAM_FAULT_TALLY=tally.json`` writes the counts
 (examples, actions, executors, faults planned and fired by kind).
 """
@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 
 from tests.fault_support import Tally, examples_strategy, run_example, write_tally
 
-_TOTAL = int(os.environ.get("NANOSTREAM_FAULT_EXAMPLES", "0") or 0) or 300
+_TOTAL = int(os.environ.get("NANOSTREAM_FAULT_EXAMPLES", "0") or 0) or 400
 _LONG = "NANOSTREAM_FAULT_EXAMPLES" in os.environ
 TALLY = Tally()
 
