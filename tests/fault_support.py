@@ -127,7 +127,7 @@ class Fault:
 
 @dataclass(frozen=True)
 class StageSpec:
-    flavor: str            # map, flatmap, filter, sink
+    flavor: str            # map, flatmap, filter, sink; batch: ns.batch(fn) | ns.flatten()
     fn: int = 0
     workers: int = 1
     ordered: bool = True
@@ -135,6 +135,7 @@ class StageSpec:
     on_error: str = "raise"    # raise, skip, callback
     queue_size: int | None = None
     fault: Fault | None = None
+    timeout: float | None = None   # batch(size, timeout=...): flushed by time too
 
     def failing(self, x: int) -> bool:
         """True when the item fails for good (after retries)."""
@@ -376,6 +377,10 @@ class Built:
         name = f"s{self._n}_{spec.flavor}_{spec.executor}"
         self._n += 1
         self.specs[name] = spec
+        if spec.flavor == "batch":  # a stream=True operator; partial batches must flush
+            qs = {} if spec.queue_size is None else {"queue_size": spec.queue_size}
+            return ns.batch(spec.fn, spec.timeout, name=name, **qs) | ns.flatten(
+                name=f"{name}_flat")
         options: dict[str, Any] = {"name": name}
         if spec.flavor != "sink" or spec.workers > 1:
             options["workers"] = spec.workers
@@ -481,6 +486,8 @@ def simulate(b: Built, emitted: dict[str, list[int]]) -> Expected:
         assert b.specs[name] == s
         out: list[int] = []
         fails = exp.failing.setdefault(name, Counter())
+        if s.flavor == "batch":
+            return list(xs)  # batches, then flattened: every item, in order
         for x in xs:
             if s.fault is not None and s.fault.hits(x) and s.executor == "process":
                 exp.hits[s.fault.kind] += 1
@@ -876,6 +883,8 @@ class Tally:
             self.shapes["fan-out + fan-in" if g.merge else "fan-out"] += 1
         if g.segment and g.pre:
             self.shapes["segment"] += 1
+        if any(s.flavor == "batch" for s in b.specs.values()):
+            self.shapes["batch + flatten"] += 1
         for spec in b.specs.values():
             self.stages += 1
             self.executors[spec.executor] += 1
@@ -923,6 +932,10 @@ def examples_strategy(process_share: int = 1, force_skip: bool = False) -> Any:
 
     @st.composite
     def stages(draw: Any, flavor: str | None = None, allow_process: bool = True) -> StageSpec:
+        if flavor is None and draw(st.integers(0, 7)) == 0:
+            return StageSpec("batch", draw(st.integers(1, 4)),
+                             queue_size=draw(st.sampled_from([None, 1, 8])),
+                             timeout=draw(st.sampled_from([None, 0.001, 0.01])))
         flavor = flavor or draw(st.sampled_from(FLAVORS))
         roll = draw(st.integers(0, 11))
         if roll < process_share and allow_process and flavor != "sink":
