@@ -49,6 +49,7 @@ from typing import Any
 import nanostream as ns
 from nanostream import StageError, sink, source, transform
 from nanostream._graph import Pipeline
+from nanostream._pool import RemoteTraceback
 from nanostream._runtime import Run
 
 BOUND = 15.0          # seconds a run may take to end after the test's last action
@@ -847,6 +848,9 @@ def _check_error(b: Built, err: BaseException) -> list[str]:
         problems.append(f"the StageError names item {err.item!r}; {item!r} failed")
     if spec is not None and spec.executor != "process" and item not in b.rec.raised.get(stage, []):
         problems.append(f"{stage!r} never raised on {item!r}")
+    if spec is not None and spec.executor == "process" and not isinstance(
+            cause.__cause__, RemoteTraceback):
+        problems.append(f"the error of process stage {stage!r} lost its remote traceback")
     if isinstance(cause.__cause__, StageError) or isinstance(cause.__context__, StageError):
         problems.append("the injected error is chained to another StageError")
     return problems
