@@ -175,7 +175,8 @@ class Pipeline:
 
         Returns a :class:`Report`. Items leaving open ends are counted and dropped.
         With ``timeout`` (seconds) a run still going then is stopped and
-        :class:`TimeoutError` raised. ``progress=True`` shows a progress bar.
+        :class:`TimeoutError` raised (or the :class:`StageError` of a stage that had
+        already failed). ``progress=True`` shows a progress bar.
         """
         from ._runtime import Run
         run = Run(self, engine=engine, progress=progress)

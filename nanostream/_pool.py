@@ -194,6 +194,8 @@ class ProcessPool:
         proc = subprocess.Popen([sys.executable, "-m", "nanostream._worker"],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self._env)
         self._procs[i] = proc
+        if self._closing:  # an abort came while this worker was starting: end it too
+            proc.kill()
         try:
             assert proc.stdin is not None
             write_frame(proc.stdin, self._spec_bytes)
@@ -271,6 +273,13 @@ class ProcessPool:
         if abort:
             for t in self._threads:
                 t.join(5)
+
+    def join(self) -> None:
+        """Wait for the workers to end (after :meth:`shutdown`): each serving thread
+        ends once its process has exited (or was killed) and been reaped, so no worker
+        process outlives the run."""
+        for t in self._threads:
+            t.join()
 
     def alive(self) -> list[Any]:
         return [p for p in self._procs if p is not None and p.poll() is None]

@@ -1945,6 +1945,8 @@ class Run:
             self.start()  # inside the try: a Ctrl-C may land while threads start
             if not self.join(timeout):
                 self.stop(drain=False)
+                if self._error is not None:
+                    raise self._error  # a stage failed before the timeout: that error
                 raise TimeoutError(f"the pipeline did not finish within {timeout} s and was "
                                    "stopped; pass a larger timeout, or use start() and "
                                    "stop() to run it for a while")

@@ -707,6 +707,27 @@ def test_timeout_stops_the_run_and_raises():
     assert src.closed.is_set()
 
 
+def test_a_stage_error_before_the_timeout_is_what_run_raises(monkeypatch):
+    """A stage failed, and the timeout expired before the failing run had ended: run()
+    raises the StageError, not a TimeoutError that hides it (found by the fault tests)."""
+    real_join = runtime.Run.join
+
+    def join_times_out_after_the_error(self, timeout=None):
+        if timeout is None:
+            return real_join(self, timeout)
+        wait_until(lambda: self.error is not None, "the stage error")
+        return False  # the timeout expires right after the stage failed
+
+    monkeypatch.setattr(runtime.Run, "join", join_times_out_after_the_error)
+
+    def bad(x):
+        raise ValueError(x)
+
+    with pytest.raises(ns.StageError, match="stage 'bad' failed on item 0") as info:
+        (range(3) | transform(bad, name="bad") | sink(lambda x: None)).run(timeout=60)
+    assert isinstance(info.value.__cause__, ValueError)
+
+
 # -- async -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("workers", [1, 3, 8])
@@ -1424,3 +1445,64 @@ def test_take_on_huge_in_memory_data_reads_only_what_it_needs():
     assert list(range(10**12) | ns.take(3)) == [0, 1, 2]
     assert list(ns.from_iterable(range(10**12)) | ns.tumbling(size=2) | ns.take(1))[0].value \
         == [0, 1]
+
+
+
+def test_no_worker_process_outlives_the_run():
+    """run() returns only after every worker process exited and was reaped (it used to
+    return as the workers were told to end, leaving them running behind it)."""
+    import os
+
+    def exit_slowly(x):  # nested, so shipped by value: the worker imports no test module
+        import atexit
+        import os
+        import time
+        atexit.register(time.sleep, 0.3)  # the work of exiting, e.g. flushing a client
+        return os.getpid()
+
+    pids = set(list(range(4) | transform(exit_slowly, executor="process")))
+    assert pids
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue  # gone, and reaped
+        pytest.fail(f"worker process {pid} outlived the run")
+
+
+def test_an_abort_while_a_worker_process_starts_ends_that_worker_too(monkeypatch):
+    """The abort's kill of the pool's processes comes before the starting worker is
+    registered: the worker must still end, not take the chunk and run it (here for an
+    hour) while the run waits for it."""
+    import subprocess
+
+    from nanostream._pool import ProcessPool, TaskSpec
+
+    pool = ProcessPool(TaskSpec(time.sleep, "sink", 0, 0.0, True), 1, "unit")
+    real_popen = subprocess.Popen
+    aborting: list[threading.Thread] = []
+
+    def popen(*args, **kwargs):
+        proc = real_popen(*args, **kwargs)
+        t = threading.Thread(target=pool.shutdown, args=(True,))
+        aborting.append(t)
+        t.start()
+        # the abort has killed the processes it knew of and told the threads to end
+        wait_until(lambda: pool._q.qsize() > 0, "the abort to pass its kill loop")
+        return proc
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    fut = pool.submit([3600])
+    try:
+        done = threading.Thread(target=pool.join, daemon=True)
+        done.start()
+        done.join(WAIT)
+        assert len(aborting) == 1  # the abort came while the worker was starting
+        assert not done.is_alive(), "the worker that started during the abort kept running"
+        assert pool.alive() == []
+        assert fut.done()
+    finally:
+        for proc in pool.alive():
+            proc.kill()
+        for t in aborting:
+            t.join(WAIT)
