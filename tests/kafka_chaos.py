@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import ctypes
 import json
 import os
 import random
@@ -109,12 +110,13 @@ class Result:
     seconds: float
     failures_seen: int = 0
     kinds: dict[str, int] = field(default_factory=dict)
+    thread_growth: int = 0           # most threads a member gained over its failed runs
     per_event: list[int] = field(default_factory=list)
     missing_sample: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.lost == 0 and self.worst_event <= self.bound
+        return self.lost == 0 and self.worst_event <= self.bound and not self.thread_growth
 
     def line(self) -> str:
         return (f"{self.mode:<9} {self.client:<12} events {self.events:>4}  produced "
@@ -311,11 +313,13 @@ class Member:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.kafka_chaos_proc", json.dumps(dict(config,
                                                                            worker=name))],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=_die_with_driver if _PRCTL is not None else None)
         self.lines: list[str] = []
         self.stderr = ""
         self.assigned = threading.Event()     # holds a non-empty assignment now
         self.failures = 0
+        self.threads_after_failure: list[int] = []
         self._cond = threading.Condition()
         self._readers = [threading.Thread(target=self._read, daemon=True),
                          threading.Thread(target=self._read_err, daemon=True)]
@@ -339,6 +343,7 @@ class Member:
                     self.assigned.clear()
                 elif word == "failed":
                     self.failures += 1
+                    self.threads_after_failure.append(int(rest.split()[1]))
                 self._cond.notify_all()
 
     def _read_err(self) -> None:
@@ -375,6 +380,24 @@ class Member:
         self.proc.wait()
         for t in self._readers:
             t.join(5)
+
+
+def _load_prctl() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()   # resolved here: the forked child must not load libraries
+
+
+def _die_with_driver() -> None:  # pragma: no cover - runs in the child before exec
+    # PR_SET_PDEATHSIG: a member gets SIGKILL when the driver's thread that started it
+    # dies, so an interrupted run leaves no member behind
+    _PRCTL(1, signal.SIGKILL)
 
 
 # -- one run --------------------------------------------------------------------------------
@@ -474,6 +497,8 @@ def run_chaos(bootstrap: str, settings: Settings,
         for m in members:
             m.kill()
         verifier.close()
+    growth = max((m.threads_after_failure[-1] - m.threads_after_failure[0]
+                  for m in gone if m.threads_after_failure), default=0)
     counts = memoryview(verifier.counts)[:produced]
     missing = [i for i, c in enumerate(counts) if not c] if not complete else []
     window = verifier.window_peak(2 * settings.commit_interval)
@@ -492,7 +517,8 @@ def run_chaos(bootstrap: str, settings: Settings,
                   bound=in_flight_bound(settings, window, most),
                   pipeline_capacity=pipeline_capacity(settings), window_peak=window,
                   seconds=time.monotonic() - t0, failures_seen=failures_seen,
-                  per_event=per_event, missing_sample=missing[:20], kinds=dict(kinds_seen))
+                  per_event=per_event, missing_sample=missing[:20], kinds=dict(kinds_seen),
+                  thread_growth=growth)
 
 
 def _group_options(client: str) -> dict[str, int]:

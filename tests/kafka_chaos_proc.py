@@ -16,8 +16,9 @@ raise on its next message, so the run fails with a StageError mid-stream; the pr
 then starts the same pipeline again at once, as a supervisor would (the fail mode).
 
 Lines on stdout, for the driver: ``assigned [...]`` / ``revoked [...]`` (the
-connector's log of partition assignments), ``failed <n>`` after an injected failure,
-``finished`` at a clean exit.
+connector's log of partition assignments),
+``failed <n> <threads>`` after an injected failure (with the process's thread count
+once the failed run has ended), ``finished`` at a clean exit.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def main() -> None:
             if "injected failure" not in str(exc.__cause__):
                 raise
             failures += 1
-            print("failed", failures, flush=True)
+            # the failed run's threads, its consumer's and producer's included, are gone
+            print("failed", failures, threading.active_count(), flush=True)
             continue
         break
     print("finished", flush=True)

@@ -24,6 +24,7 @@ def test_kills_failures_and_rebalances_lose_nothing(kafka_broker, client):
     result = run_chaos(kafka_broker.bootstrap, settings)
     assert result.kinds == {"kill": 2, "fail": 2, "rebalance": 1}
     assert result.failures_seen == 2, "each injected failure failed one run"
+    assert result.thread_growth == 0, "a failed run left threads behind"
     assert result.produced >= 3000 * 5, "the producer wrote all along"
     assert result.lost == 0, f"lost messages, e.g. {result.missing_sample}"
     assert result.handled == result.produced + result.duplicates
