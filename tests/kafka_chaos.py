@@ -111,6 +111,7 @@ class Result:
     failures_seen: int = 0
     kinds: dict[str, int] = field(default_factory=dict)
     thread_growth: int = 0           # most threads a member gained over its failed runs
+    connection_drops: int = 0        # times a member's connector lost the broker a while
     per_event: list[int] = field(default_factory=list)
     missing_sample: list[int] = field(default_factory=list)
 
@@ -319,6 +320,7 @@ class Member:
         self.stderr = ""
         self.assigned = threading.Event()     # holds a non-empty assignment now
         self.failures = 0
+        self.connection_drops = 0         # the connector lost the broker for a while
         self.threads_after_failure: list[int] = []
         self._cond = threading.Condition()
         self._readers = [threading.Thread(target=self._read, daemon=True),
@@ -341,6 +343,8 @@ class Member:
                     self.assigned.set()
                 elif word in ("revoked", "lost"):
                     self.assigned.clear()
+                elif word == "broker" and rest.startswith("lost"):
+                    self.connection_drops += 1
                 elif word == "failed":
                     self.failures += 1
                     self.threads_after_failure.append(int(rest.split()[1]))
@@ -518,7 +522,8 @@ def run_chaos(bootstrap: str, settings: Settings,
                   pipeline_capacity=pipeline_capacity(settings), window_peak=window,
                   seconds=time.monotonic() - t0, failures_seen=failures_seen,
                   per_event=per_event, missing_sample=missing[:20], kinds=dict(kinds_seen),
-                  thread_growth=growth)
+                  thread_growth=growth,
+                  connection_drops=sum(m.connection_drops for m in gone))
 
 
 def _group_options(client: str) -> dict[str, int]:

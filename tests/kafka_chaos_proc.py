@@ -16,7 +16,8 @@ raise on its next message, so the run fails with a StageError mid-stream; the pr
 then starts the same pipeline again at once, as a supervisor would (the fail mode).
 
 Lines on stdout, for the driver: ``assigned [...]`` / ``revoked [...]`` (the
-connector's log of partition assignments),
+connector's log of partition assignments), ``broker ...`` (its log of a lost and
+regained connection),
 ``failed <n> <threads>`` after an injected failure (with the process's thread count
 once the failed run has ended), ``finished`` at a clean exit.
 """
@@ -35,8 +36,11 @@ class _ToStdout(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
         for word in ("assigned", "revoked", "lost"):
-            if f": {word} " in message:
+            if f": {word} [" in message:   # not "lost the connection ..."
                 print(word, message.split(f": {word} ", 1)[1], flush=True)
+                return
+        if "the connection" in message or "the broker is back" in message:
+            print("broker", message.split(": ", 1)[1], flush=True)
 
 
 def main() -> None:
