@@ -234,7 +234,6 @@ class Verifier:
                 for m in consume(num_messages=10_000, timeout=0.1):
                     if m.error() is not None:
                         continue
-                    self.next_offset[m.partition()] = m.offset() + 1
                     i = loads(m.value())["i"]
                     ts = m.timestamp()[1] / 1000.0
                     self.bins[int(ts * 20)] += 1
@@ -249,6 +248,8 @@ class Verifier:
                         counts[i] = c + 1
                     else:
                         self.extra += 1
+                    # last: caught_up() then means every message read is counted
+                    self.next_offset[m.partition()] = m.offset() + 1
                 prefix, counts = self.prefix, self.counts
                 while prefix < len(counts) and counts[prefix]:
                     prefix += 1
@@ -494,7 +495,6 @@ def run_chaos(bootstrap: str, settings: Settings,
         deadline = time.monotonic() + 30
         while not verifier.caught_up() and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(0.2)   # the verifier's last consume
     finally:
         if producer._thread.is_alive():
             producer._stop.set()
@@ -504,7 +504,7 @@ def run_chaos(bootstrap: str, settings: Settings,
     growth = max((m.threads_after_failure[-1] - m.threads_after_failure[0]
                   for m in gone if m.threads_after_failure), default=0)
     counts = memoryview(verifier.counts)[:produced]
-    missing = [i for i, c in enumerate(counts) if not c] if not complete else []
+    missing = [] if complete else [i for i, c in enumerate(counts) if not c]
     window = verifier.window_peak(2 * settings.commit_interval)
     most = settings.workers + (1 if settings.mode in ("rebalance", "mixed") else 0)
     again = sorted(verifier.again)
