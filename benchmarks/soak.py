@@ -33,7 +33,7 @@ The Kafka clients' fetch buffers are capped (kafka-python ``fetch_max_bytes`` 2 
 confluent-kafka ``queued.max.messages.kbytes`` 4 MB and ``queued.min.messages`` 20,000
 per partition): with their defaults (50 MB; 64 MB and 100,000 messages per partition)
 prefetched messages pile up for a long while before memory levels off, and the level
-swings by tens of MB as the prefetch queues fill and drain.
+swings by tens of MB as the prefetch queues fill and drain (``--uncapped`` shows it).
 Exit code 0 if every check passes; ``--json`` writes the samples and the summary.
 """
 
@@ -69,6 +69,9 @@ CONFLUENT_OPTIONS: dict[str, Any] = {
     "queued.min.messages": 20_000,
     "fetch.wait.max.ms": 100,
 }
+
+_CAPS = ("fetch_max_bytes", "max_partition_fetch_bytes", "queued.max.messages.kbytes",
+         "queued.min.messages")
 
 
 # -- the feeder (a process of its own) ---------------------------------------------------------
@@ -250,7 +253,8 @@ def _parse(raw: dict[str, Any]) -> dict[str, Any]:
 def soak(bootstrap: str, *, seconds: float, client: str = "kafka-python",
          db: str | None = None, interval: float = 1.0, warmup: float | None = None,
          confirm: float = 0.0, max_slope: float = 1.0, min_steady: float = 0.5,
-         lead: int = 300_000, trim: bool = True, say: Any = print) -> tuple[Summary, list[Sample]]:
+         lead: int = 300_000, trim: bool = True, capped: bool = True,
+         say: Any = print) -> tuple[Summary, list[Sample]]:
     """Run the soak against the broker at ``bootstrap``; see the module docstring."""
     import nanostream as ns
     from nanostream.kafka import kafka_source
@@ -276,6 +280,9 @@ def soak(bootstrap: str, *, seconds: float, client: str = "kafka-python",
                          name="soak-feeder", daemon=True)
     feeder.start()
     options = dict(CONFLUENT_OPTIONS if client == "confluent" else KAFKA_PYTHON_OPTIONS)
+    if not capped:   # the clients' own prefetch limits
+        for name in _CAPS:
+            options.pop(name, None)
     pipeline = (kafka_source(topic, bootstrap_servers=bootstrap, group_id=f"soak-{table}",
                              client=client, auto_offset_reset="earliest", **options)
                 | ns.transform(_parse, name="parse")
@@ -360,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="most messages the feeder keeps ahead of the pipeline")
     parser.add_argument("--no-trim", dest="trim", action="store_false",
                         help="read RSS without malloc_trim(0) first")
+    parser.add_argument("--uncapped", dest="capped", action="store_false",
+                        help="leave the Kafka clients' prefetch buffers at their defaults")
     parser.add_argument("--bootstrap", help="use this broker instead of starting Tansu")
     parser.add_argument("--json", help="write the summary and the samples to this file")
     args = parser.parse_args(argv)
@@ -378,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                                 db=args.db, interval=args.interval, warmup=args.warmup,
                                 confirm=args.confirm, max_slope=args.max_slope,
                                 min_steady=args.min_steady, lead=args.lead, trim=args.trim,
+                                capped=args.capped,
                                 say=lambda s: print(s, flush=True))
     finally:
         if broker is not None:
