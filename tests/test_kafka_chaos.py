@@ -34,8 +34,14 @@ def test_kills_failures_and_rebalances_lose_nothing(kafka_broker, client):
 
 
 def test_the_bound_follows_the_pipeline_sizes():
-    small = Settings(queue_size=100, max_in_flight=10)
-    big = Settings(queue_size=5000, max_in_flight=8000)
-    assert pipeline_capacity(big) - pipeline_capacity(small) == (5000 - 256) + (5000 - 1024) + (5000 - 10)
+    from nanostream import _runtime, kafka
+
+    small = Settings(queue_size=1, max_in_flight=1)
+    big = Settings(queue_size=50_000, max_in_flight=80_000)
+    chunk, batch, window = kafka.CHUNK, _runtime.BATCH, kafka.ACK_EVERY
+    # the queues hold a whole chunk / batch when small, their size when big; the sink
+    # waits for acknowledgements every max_in_flight messages, at most every ACK_EVERY
+    assert pipeline_capacity(small) == chunk + chunk + batch + batch + batch + 1
+    assert pipeline_capacity(big) == chunk + 50_000 + batch + 50_000 + batch + window
     # (a) the measured window plus (b) for the member that went and each one revoked
     assert in_flight_bound(small, 700, members=3) == 700 + 5 * pipeline_capacity(small)
