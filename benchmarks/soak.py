@@ -33,7 +33,7 @@ The Kafka clients' fetch buffers are capped (kafka-python ``fetch_max_bytes`` 2 
 confluent-kafka ``queued.max.messages.kbytes`` 4 MB and ``queued.min.messages`` 20,000
 per partition) so that the memory figure is precise: with their defaults (50 MB; 64 MB
 and 100,000 messages per partition; ``--uncapped``) memory is flat too, but swings by up
-to 45 MB as librdkafka's prefetch queues fill and drain, which hides a 1 MB/min slope
+to 60 MB as librdkafka's prefetch queues fill and drain, which hides a 1 MB/min slope
 in a short run. The caps cost confluent-kafka throughput (about 36k against 65k msg/s
 in back-to-back 30 s runs); kafka-python's none.
 Exit code 0 if every check passes; ``--json`` writes the samples and the summary.
