@@ -182,7 +182,11 @@ class SourceContext:
         if r.tracked:
             if items:
                 ticket = Ticket(on_done, len(items)) if on_done is not None else None
-                r.emit(list(zip(items, repeat(ticket))))
+                nxt = getattr(r, "fused_next", None)
+                if nxt is not None and nxt.takes_chunks:
+                    nxt.handle_chunk(items, ticket)   # no (item, ticket) pair per item
+                else:
+                    r.emit(list(zip(items, repeat(ticket))))
             elif on_done is not None:
                 on_done()
         elif items:
@@ -498,12 +502,17 @@ class _SingleRunner(_Runner):
     kind = "single"
     fused_next: _SingleRunner | None = None
     fused_prev: _SingleRunner | None = None
+    takes_chunks = False   # handle_chunk() works here (a tracked map, a writer)
+    process_chunk: Callable[[list[Any], Ticket | None], list[Any]]
 
     def start(self) -> None:
         self.setup_emit()
         st = self.stage
         simple = st.option("on_error") == "raise" and st.option("retries") == 0
         flavor = st.flavor
+        if self.tracked and flavor == "map":
+            self.takes_chunks = True
+            self.process_chunk = self._fast_map_chunk if simple else self._careful_map_chunk
         if self.tracked and simple and flavor == "map":
             self.process = self._fast_map_tracked
         elif self.tracked:
@@ -600,6 +609,47 @@ class _SingleRunner(_Runner):
         if nxt is not None and nxt.items_in >= SPLIT_AFTER and self.items_in >= SPLIT_AFTER \
                 and self.busy > SPLIT_COST * self.items_in and nxt.busy > SPLIT_COST * nxt.items_in:
             self._split()
+
+    def handle_chunk(self, items: list[Any], ticket: Ticket | None) -> None:
+        """:meth:`handle` for the items of one source chunk that all share ``ticket``
+        (in a tracked run, see :meth:`SourceContext.emit`): they travel as a plain
+        list, with no (item, ticket) pair per item, as long as the stages fused after
+        take chunks too (maps, a writer); the first that does not gets the pairs.
+
+        Counting stays exact: a map passes one output on per input, and an item an
+        error policy skips is counted down from the ticket here.
+        """
+        t0 = time.perf_counter()
+        self.batch = items
+        try:
+            out = self.process_chunk(items, ticket)
+        except _ItemFailure as f:
+            raise _Failed(StageError(self.name, f.item, f.exc)) from None
+        self.busy += time.perf_counter() - t0
+        self.items_in += len(items)
+        nxt = self.fused_next
+        if out:
+            self.items_out += len(out)
+            if nxt is not None and nxt.takes_chunks:
+                nxt.handle_chunk(out, ticket)
+            else:
+                self.emit(list(zip(out, repeat(ticket))))
+        if nxt is not None and nxt.items_in >= SPLIT_AFTER and self.items_in >= SPLIT_AFTER \
+                and self.busy > SPLIT_COST * self.items_in and nxt.busy > SPLIT_COST * nxt.items_in:
+            self._split()
+
+    def _fast_map_chunk(self, items: list[Any], ticket: Ticket | None) -> list[Any]:
+        return self._fast_map(items)   # a failure fails the run: the ticket stays
+
+    def _careful_map_chunk(self, items: list[Any], ticket: Ticket | None) -> list[Any]:
+        """A map with retries or an error policy over a chunk: the items it skips are
+        handled, so the ticket counts them down."""
+        n = len(items)
+        out = self._process_careful(items)
+        skipped = n - len(out)
+        if skipped and ticket is not None and not self.run._aborted:
+            release_all([ticket] * skipped)
+        return out
 
     def _split(self) -> None:
         """Give the fused downstream stage a thread of its own, fed by its queue."""
@@ -773,9 +823,12 @@ class _WriterRunner(_SingleRunner):
     writer: Any = None
     closed = False
 
+    takes_chunks = True
+
     def start(self) -> None:
         self.setup_emit()
         self.process = self._write
+        self.process_chunk = self._write_chunk
         self.tick_every = float(self.stage.internal.get("tick") or 0.1)
         if self.fused_prev is None:
             self.spawn(self._chain_body())
@@ -815,6 +868,12 @@ class _WriterRunner(_SingleRunner):
             self._guard(self.writer.write, items, list(map(_second, batch)))
         else:
             self._guard(self.writer.write, batch, None)
+        return []
+
+    def _write_chunk(self, items: list[Any], ticket: Ticket | None) -> list[Any]:
+        if self.writer is None:
+            self.open()
+        self._guard(self.writer.write, items, [ticket] * len(items) if self.tracked else None)
         return []
 
     def tick(self) -> None:

@@ -640,12 +640,14 @@ _HEADERS = operator.attrgetter("headers")
 
 
 def _records_confluent(message: Any, part: list[Any], vdec: Callable[[bytes], Any] | None,
-                       kdec: Callable[[bytes], Any] | None, meta: bool, no_time: int
+                       kdec: Callable[[bytes], Any] | None, meta: bool, no_time: int,
+                       only: str | None = None
                        ) -> tuple[list[Any], dict[tuple[str, int], int],
                                   dict[tuple[str, int], int]] | None:
     """The items of a chunk of confluent-kafka Messages with their lowest and highest
     offsets per partition; ``None`` if it holds an event (``error()`` set) or a key
-    or value that does not decode. ``message`` is ``confluent_kafka.Message``."""
+    or value that does not decode. ``message`` is ``confluent_kafka.Message``;
+    ``only``: the one topic the consumer reads, if so (not asked per message)."""
     if any(map(message.error, part)):
         return None
     try:
@@ -659,15 +661,29 @@ def _records_confluent(message: Any, part: list[Any], vdec: Callable[[bytes], An
                 keys = _decode_all(kdec, keys)
     except Exception:
         return None
-    topics = list(map(message.topic, part))
+    topics: Any
+    if only is not None:
+        topics, topic = repeat(only), only
+    else:
+        topics = list(map(message.topic, part))
+        topic = topics[0]
     partitions = list(map(message.partition, part))
     offsets = list(map(message.offset, part))
     # a partition's messages come in offset order, and a dict keeps the last value given
-    topic = topics[0]
-    if topics.count(topic) == len(topics):   # one topic (no (topic, partition) per message)
-        lasts = {(topic, p): o for p, o in dict(zip(partitions, offsets, strict=False)).items()}
-        firsts = {(topic, p): o for p, o in dict(zip(
-            reversed(partitions), reversed(offsets), strict=False)).items()}
+    if only is not None or topics.count(topic) == len(topics):   # one topic
+        seen = set(partitions)
+        if len(seen) <= 8:   # a few partitions: find each one's first and last at C speed
+            n = len(partitions)
+            index, rindex = partitions.index, partitions[::-1].index
+            firsts, lasts = {}, {}
+            for p in seen:
+                firsts[topic, p] = offsets[index(p)]
+                lasts[topic, p] = offsets[n - 1 - rindex(p)]
+        else:
+            lasts = {(topic, p): o for p, o in dict(zip(partitions, offsets,
+                                                        strict=False)).items()}
+            firsts = {(topic, p): o for p, o in dict(zip(
+                reversed(partitions), reversed(offsets), strict=False)).items()}
     else:
         where = list(zip(topics, partitions, strict=False))
         lasts = dict(zip(where, offsets, strict=False))
@@ -1252,6 +1268,9 @@ class _ConfluentReader(_Reader):
         emit = self.emit
         no_time = ck.TIMESTAMP_NOT_AVAILABLE
         pace = _Pace(batch_size)
+        read = ({t for t, _ in spec.partitions} if spec.partitions is not None
+                else set(spec.topics) if spec.pattern is None else set())
+        only = next(iter(read)) if len(read) == 1 else None   # the one topic read, if so
         while not ctx.stopping:
             try:
                 msgs = consume(num_messages=pace.want, timeout=POLL_SECONDS)
@@ -1265,7 +1284,7 @@ class _ConfluentReader(_Reader):
                 self.idle(now)
             for first in range(0, len(msgs), size):
                 part = msgs[first:first + size] if len(msgs) > size else msgs
-                fast = _records_confluent(ck.Message, part, vdec, kdec, meta, no_time)
+                fast = _records_confluent(ck.Message, part, vdec, kdec, meta, no_time, only)
                 if fast is not None:
                     if not emit(*fast):
                         return

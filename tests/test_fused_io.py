@@ -354,3 +354,95 @@ def test_every_shape_unfused_too(monkeypatch):
     assert sum(len(b) for b in j.acked) == 2 * 44
     assert_done_after_acked(j, len(chunks))
 
+
+
+# -- a chunk as a plain list through fused maps into a writer -------------------------
+# (SourceContext.emit -> _SingleRunner.handle_chunk: no (item, ticket) pair per item)
+
+class TicketsSeen:
+    """Wraps the writer's ``write`` to record how many distinct tokens each call had."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.per_write: list[int] = []
+        write = Writer.write
+
+        def recording(writer, items, tokens):
+            if tokens is not None:
+                self.per_write.append(len({id(t) for t in tokens}))
+            return write(writer, items, tokens)
+        monkeypatch.setattr(Writer, "write", recording)
+
+
+def test_a_chunk_flows_through_fused_maps_to_the_writer_under_its_one_ticket(monkeypatch):
+    seen = TicketsSeen(monkeypatch)
+    j = Journal(settle_every=2)
+    chunks = chunks_of(5, 17)
+    report = (chunk_source(chunks, j) | ns.transform(lambda x: x + 1, name="a")
+              | ns.transform(lambda x: x - 1, name="b") | writer_sink(j)).run(timeout=TIMEOUT)
+    assert sorted(j.acked) == sorted(x for c in chunks for x in c)
+    assert seen.per_write == [1] * len(chunks)   # one write per chunk, all one ticket
+    assert_done_after_acked(j, len(chunks))
+    assert report["a"].items_in == report["b"].items_out == report["writer"].items_in == 85
+
+
+def test_a_map_that_skips_items_mid_chunk_counts_them_down_from_the_ticket():
+    """Skipped items are handled: each chunk is done once the rest is acknowledged, a
+    chunk whose every item fails is done too, and the errors are counted."""
+    def f(x):
+        if x // 100 == 2 or x % 7 == 3:
+            raise ValueError(x)
+        return x
+
+    j = Journal(settle_every=2)
+    chunks = chunks_of(5, 17)
+    report = (chunk_source(chunks, j) | ns.transform(f, on_error="skip", name="f")
+              | writer_sink(j)).run(timeout=TIMEOUT)
+    want = [x for c in chunks for x in c if x // 100 != 2 and x % 7 != 3]
+    assert sorted(j.acked) == want
+    assert_done_after_acked(j, len(chunks))
+    assert report["f"].errors == 85 - len(want)
+    assert report["f"].items_out == report["writer"].items_in == len(want)
+
+
+def test_a_map_with_retries_over_a_chunk_passes_every_item_on():
+    failed: set[int] = set()
+
+    def flaky(x):
+        if x % 5 == 0 and x not in failed:
+            failed.add(x)
+            raise ValueError(x)
+        return -x
+
+    j = Journal(settle_every=2)
+    chunks = chunks_of(3, 12)
+    (chunk_source(chunks, j) | ns.transform(flaky, retries=1, backoff=0)
+     | writer_sink(j)).run(timeout=TIMEOUT)
+    assert sorted(j.acked) == sorted(-x for c in chunks for x in c)
+    assert_done_after_acked(j, len(chunks))
+
+
+def test_a_map_that_fails_mid_chunk_under_raise_leaves_the_chunk_not_done():
+    def f(x):
+        if x == 205:
+            raise ValueError("no 205")
+        return x
+
+    j = Journal(settle_every=1)
+    with pytest.raises(ns.StageError) as info:
+        (chunk_source(chunks_of(4, 10), j) | ns.transform(f, name="f")
+         | writer_sink(j)).run(timeout=TIMEOUT)
+    assert info.value.stage == "f"
+    assert info.value.item == 205
+    assert sorted(j.done_at) == [0, 1]   # before the failure; 2 (and 3) never
+    assert_done_after_acked(j, 2)
+    assert not any(x // 100 >= 2 for x in j.acked)
+
+
+def test_a_filter_after_a_chunk_map_gets_pairs_and_counts_exactly():
+    j = Journal(settle_every=2)
+    chunks = chunks_of(4, 15)
+    (chunk_source(chunks, j) | ns.transform(lambda x: x * 2)
+     | ns.filter(lambda x: x % 3 == 0) | ns.transform(lambda x: x // 2)
+     | writer_sink(j)).run(timeout=TIMEOUT)
+    assert sorted(j.acked) == sorted(x for c in chunks for x in c if x * 2 % 3 == 0)
+    assert_done_after_acked(j, len(chunks))

@@ -187,6 +187,45 @@ def test_import_loads_no_client():
 
 # -- in and out ---------------------------------------------------------------------------
 
+@pytest.mark.skipif(confluent_kafka is None, reason="needs confluent-kafka")
+@pytest.mark.parametrize("n_partitions", [1, 3, 20])
+def test_confluent_chunks_become_records_with_each_partitions_first_and_last_offset(
+        n_partitions):
+    """The reader's chunk builder (no broker): records in order, and per partition the
+    lowest and highest offset, whether partitions come in runs or interleaved, from
+    one topic (given or not) or two."""
+    from nanostream.kafka import _records_confluent
+
+    ck = confluent_kafka
+    rng = random.Random(n_partitions)
+    for topics in (["a"], ["a", "b"]):
+        nxt: dict[tuple[str, int], int] = {}
+        msgs = []
+        for i in range(200):
+            where = (rng.choice(topics), rng.randrange(n_partitions) if i % 50 else 0)
+            offset = nxt.get(where, rng.randrange(100))
+            nxt[where] = offset + rng.randint(1, 3)
+            msgs.append(ck.Message(topic=where[0], partition=where[1], offset=offset,
+                                   key=b"k%d" % i, value=b"v%d" % i, timestamp=(1, i),
+                                   headers=[("h", b"x")] if i % 7 == 0 else None))
+        firsts: dict[tuple[str, int], int] = {}
+        lasts: dict[tuple[str, int], int] = {}
+        for m in msgs:
+            firsts.setdefault((m.topic(), m.partition()), m.offset())
+            lasts[m.topic(), m.partition()] = m.offset()
+        want = [KafkaRecord(m.topic(), m.partition(), m.offset(), m.key(), m.value(),
+                            m.headers() or [], m.timestamp()[1]) for m in msgs]
+        only = [None, "a"] if topics == ["a"] else [None]
+        for one in only:
+            got = _records_confluent(ck.Message, msgs, None, None, True,
+                                     ck.TIMESTAMP_NOT_AVAILABLE, one)
+            assert got is not None
+            records, got_firsts, got_lasts = got
+            assert records == want
+            assert all(type(r) is KafkaRecord for r in records)
+            assert (got_firsts, got_lasts) == (firsts, lasts)
+
+
 @pytest.mark.parametrize("client", CLIENTS)
 def test_several_topics_transform_to_kafka_every_message(kafka_broker, make_topic, client):
     bootstrap = kafka_broker.bootstrap
