@@ -70,14 +70,7 @@ def release(tickets: Iterable[Ticket | None]) -> None:
                 t.count -= 1
                 if t.count == 0:
                     due.append(t)
-    for t in due:
-        cb = t.callback
-        t.callback = None
-        if cb is not None:
-            try:
-                cb()
-            except Exception:  # a source's bookkeeping must not kill a sink thread
-                log.exception("completion callback %r failed", cb)
+    _run_due(due)
 
 
 def release_all(tickets: list[Ticket | None]) -> None:
