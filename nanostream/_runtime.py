@@ -1662,6 +1662,7 @@ class Run:
         self._done = threading.Event()
         self._alive = 0
         self._held = False   # the iterating loop counts as a thread (see start())
+        self._loop_ident: int | None = None   # the thread the loop last took items in
         self._wakeables: list[Any] = []
         self._checked_in: set[threading.Thread] = set()
         self._abandoned: set[threading.Thread] = set()
@@ -1927,7 +1928,10 @@ class Run:
 
         ``drain=True`` stops each source at its next item and lets everything
         already inside finish (partial batches and windows are flushed);
-        ``drain=False`` abandons what is in flight. Errors are not raised here;
+        ``drain=False`` abandons what is in flight. Called from the thread of a
+        loop iterating the pipeline (the loop is suspended in the call and can take
+        nothing more), a drain would never end, so what is in flight is abandoned
+        as with ``drain=False``. Errors are not raised here;
         ``join()`` raises them. With ``timeout``, a drain still going after that
         many seconds is abandoned too.
         """
@@ -1937,6 +1941,12 @@ class Run:
         if self._done.is_set():
             return
         self._release_hold()   # what the loop has not taken yet is not handled
+        if self.collector is not None and self._loop_ident == threading.get_ident():
+            # called from the iterating loop's own thread: the loop, the pipeline's
+            # only end, is suspended in this very call and takes nothing more, so
+            # nothing inside can finish: a drain would wait for ever. Abandon what is
+            # in flight instead (not handled: tracked sources see it as not done)
+            drain = False
         if self._in_own_thread():
             # called by one of the run's own stages, which cannot wait for itself
             # to end: ask for the stop and let the run end as the stage returns
@@ -2026,6 +2036,7 @@ class Run:
         try:
             self.start()  # inside the try: a Ctrl-C may land while threads start
             while True:
+                self._loop_ident = threading.get_ident()
                 try:
                     batch = ch.get(BATCH)
                 except Aborted:

@@ -141,3 +141,32 @@ def test_stopping_a_suspended_iteration_does_not_wait_for_the_loop():
     assert time.monotonic() - t0 < 4
     assert log[-1] == ("end",)
     it.close()
+
+
+def test_stopping_from_a_suspended_loop_after_the_sources_ended_does_not_hang():
+    """stop(drain=True) from the thread whose loop is suspended: the loop takes nothing
+    more, so the drain must not wait for it. It used to hang when the sources had
+    already ended and a stage was blocked handing items to the full loop queue (the
+    drain's escape only looked at sources still running)."""
+    ended = threading.Event()
+    log: list = []
+
+    def gen(ctx=None):
+        ctx.on_run_end(lambda: log.append(("end",)))
+        for x in range(6000):   # more than the loop and its queue hold
+            yield x, (lambda x=x: log.append(("done", x)))
+        ended.set()
+
+    src = Stage(gen, SOURCE, {"name": "finite", "track": True}, internal={"context": True})
+    # the stage's queue takes what the loop's queue cannot, so the source ends while
+    # the stage is blocked handing items to the loop
+    it = iter(src | transform(lambda x: x, queue_size=10_000))
+    assert next(it) == 0
+    assert ended.wait(10), "the source did not finish emitting"
+    (run,) = ns.running()
+    ns.stop_all()   # from the loop's own thread; a hang here fails on the suite's timeout
+    assert run.join(timeout=10)
+    # the run-end hook ran; no item was acked: the loop never came back for the next
+    # one, and what never reached it is not handled
+    assert log == [("end",)]
+    it.close()
