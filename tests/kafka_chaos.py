@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import ctypes
 import json
 import os
 import random
@@ -60,6 +59,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tests.kafka_support import _PRCTL  # prctl, resolved before any fork
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("kill", "fail", "rebalance", "mixed")
@@ -385,18 +386,6 @@ class Member:
         self.proc.wait()
         for t in self._readers:
             t.join(5)
-
-
-def _load_prctl() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-_PRCTL = _load_prctl()   # resolved here: the forked child must not load libraries
 
 
 def _die_with_driver() -> None:  # pragma: no cover - runs in the child before exec
