@@ -584,6 +584,10 @@ class _TlsProxy:
             self._closed = True
             socks = list(self._sockets)
             threads = list(self._threads)
+        # close() alone does not wake a thread blocked in accept() on Linux (stop()
+        # would then wait out its join timeout); shutdown() does
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
         self._close(*socks)
         for t in threads:

@@ -428,3 +428,20 @@ def test_only_the_sockets_kafka_python_leaks_are_exempt_from_resource_warnings()
     warnings.warn(f"unclosed {tagged}", ResourceWarning, stacklevel=1)   # ignored
     with socket.socket() as plain, pytest.raises(ResourceWarning):
         warnings.warn(f"unclosed {plain!r}", ResourceWarning, stacklevel=1)
+
+
+def test_the_tls_proxy_stops_without_waiting_out_its_accept_thread(tmp_path):
+    """Its accepting thread wakes when stopped (a closed listener alone does not wake
+    accept() on Linux: each session's teardown waited 10 s for it)."""
+    from tests.kafka_support import _self_signed_cert, _TlsProxy
+
+    cert, key = _self_signed_cert(tmp_path)
+    with socket.create_server(("127.0.0.1", 0)) as upstream:
+        proxy = _TlsProxy(cert, key, upstream.getsockname()[:2])
+        accepting = [t for t in proxy._threads if t.name == "kafka-tls-proxy"]
+        assert len(accepting) == 1
+        assert accepting[0].is_alive()
+        t0 = time.monotonic()
+        proxy.stop()
+        assert not accepting[0].is_alive()
+        assert time.monotonic() - t0 < 5   # (the join gives up after 10 s)
