@@ -525,7 +525,7 @@ class _SingleRunner(_Runner):
         if self.fused_next is not None:
             self.emit = self.fused_next.handle
         if self.fused_prev is None:
-            self.spawn(self._chain_body())
+            self.spawn(self._body)
 
     def _chain(self) -> Iterator[_SingleRunner]:
         """This stage and the stages fused after it (run in this stage's thread)."""
@@ -534,20 +534,14 @@ class _SingleRunner(_Runner):
             yield r
             r = r.fused_next
 
-    def _chain_body(self) -> Callable[[], None]:
-        """The thread body for this stage's fused chain: one with writer sinks in it
-        needs them opened and ticked (see :class:`_WriterRunner`)."""
-        if any(isinstance(r, _WriterRunner) for r in self._chain()):
-            return self._body_writing
-        return self._body
-
-    def _body_writing(self) -> None:
-        """``_body`` for a fused chain that holds writer sinks: they are opened in this
-        thread first, and ticked whenever no input came for their tick interval."""
+    def _body(self) -> None:
+        """The thread body for this stage's fused chain. Writer sinks in the chain (see
+        :class:`_WriterRunner`) are opened in this thread first, and ticked whenever no
+        input came for their tick interval."""
         writers = [r for r in self._chain() if isinstance(r, _WriterRunner)]
         for w in writers:
             w.open()
-        tick = min(w.tick_every for w in writers)
+        tick = min((w.tick_every for w in writers), default=None)
         get = self.inp.get  # type: ignore[union-attr]
         handle = self.handle
         perf = time.perf_counter
@@ -556,30 +550,11 @@ class _SingleRunner(_Runner):
             batch = get(limit, tick)
             if batch is None:
                 break
-            if not batch:
+            if not batch:   # (only with a tick: nothing came for that long)
                 for r in self._chain():   # (a writer may have split off since)
                     if isinstance(r, _WriterRunner):
                         r.tick()
                 continue
-            t0 = perf()
-            handle(batch)
-            per_item = (perf() - t0) / len(batch)
-            want = int(BATCH_SECONDS / per_item) if per_item > 0 else BATCH
-            limit = max(1, min(BATCH, want, 2 * limit))
-            if self.dead():
-                self.inp.discard()  # type: ignore[union-attr]
-                break
-        self.finish()
-
-    def _body(self) -> None:
-        get = self.inp.get  # type: ignore[union-attr]
-        handle = self.handle
-        perf = time.perf_counter
-        limit = 16
-        while True:
-            batch = get(limit)
-            if batch is None:
-                break
             t0 = perf()
             handle(batch)
             # size the next batch so that one takes about BATCH_SECONDS: cheap stages
@@ -658,7 +633,7 @@ class _SingleRunner(_Runner):
         self.fused_next = None
         nxt.fused_prev = None
         self.setup_emit()
-        nxt.spawn(nxt._chain_body())
+        nxt.spawn(nxt._body)
         with self.run._lock:
             self.run._alive += 1
         nxt.threads[-1].start()
@@ -831,7 +806,7 @@ class _WriterRunner(_SingleRunner):
         self.process_chunk = self._write_chunk
         self.tick_every = float(self.stage.internal.get("tick") or 0.1)
         if self.fused_prev is None:
-            self.spawn(self._chain_body())
+            self.spawn(self._body)
 
     def _guard(self, fn: Callable[..., None], *args: Any) -> None:
         try:
