@@ -705,6 +705,96 @@ def test_rebalance_mid_stream_commits_what_is_done_and_loses_nothing(kafka_broke
     assert "commit on revocation" not in caplog.text   # (it would say it failed)
 
 
+# -- clients closed on end, stop and failure ----------------------------------------------
+
+def open_connections() -> int:
+    """TCP connections this process holds open, after a garbage collection (a socket
+    kafka-python drops while closing counts only until the collector closes it)."""
+    import psutil
+    gc.collect()
+    return sum(1 for c in psutil.Process().net_connections("tcp")
+               if c.status == psutil.CONN_ESTABLISHED)
+
+
+def fail_at(n):
+    def check(v):
+        if v["i"] == n:
+            raise ValueError(f"bad item {n}")
+        return v
+    return check
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize("how", ["end", "stop", "failure"])
+def test_the_consumer_is_closed_on_end_stop_and_failure(kafka_broker, kafka_topic, client,
+                                                        how):
+    """Each way a run ends leaves no connection to the broker open (a consumer left
+    open would keep its partitions from the next member of its group)."""
+    bootstrap = kafka_broker.bootstrap
+    produce(bootstrap, kafka_topic, [{"i": i} for i in range(30)])
+    before = open_connections()
+    got = Handled()
+    source = kafka_source(kafka_topic, bootstrap_servers=bootstrap, client=client,
+                          group_id=unique_topic("closes"), auto_offset_reset="earliest",
+                          stop_at_end=how != "stop", **kafka_broker.group_options(client))
+    if how == "end":
+        assert sorted(v["i"] for v in source) == list(range(30))
+    elif how == "stop":
+        run = (source | ns.sink(lambda v: got.add(v["i"]))).start()
+        try:
+            wait_for(lambda: len(got) == 30, "every message")
+            assert open_connections() > before   # (what is counted: the client's)
+        finally:
+            run.stop()
+        run.join()
+    else:
+        with pytest.raises(ns.StageError, match="bad item 7"):
+            (source | ns.transform(fail_at(7)) | ns.sink(lambda v: None)).run(
+                timeout=DEADLINE)
+    assert open_connections() == before
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize("how", ["end", "stop", "failure"])
+def test_the_producer_is_closed_on_end_stop_and_failure(kafka_broker, kafka_topic, client,
+                                                        how):
+    """The same for the producer. (kafka-python's producer also closes itself when it
+    is garbage-collected, which open_connections() does; the confluent producer and a
+    stopped run's kafka-python producer are still referenced then.)"""
+    bootstrap = kafka_broker.bootstrap
+    before = open_connections()
+    sent = threading.Event()
+    sink = kafka_sink(kafka_topic, bootstrap_servers=bootstrap, client=client)
+
+    @ns.source
+    def items():
+        for i in range(10):
+            yield {"i": i}
+        if how == "failure":
+            raise ValueError("the source broke")
+        sent.set()
+        if how == "stop":
+            while True:   # until stopped
+                yield {"i": -1}
+
+    if how == "stop":
+        run = (items() | sink).start()
+        try:
+            assert sent.wait(DEADLINE)
+            # (what is counted: the client's connections)
+            wait_for(lambda: open_connections() > before, "the producer to connect")
+        finally:
+            run.stop()
+        run.join()
+    elif how == "failure":
+        with pytest.raises(ns.StageError, match="the source broke"):
+            (items() | sink).run(timeout=DEADLINE)
+    else:
+        (items() | sink).run(timeout=DEADLINE)
+        assert sorted(v["i"] for v in values_of(bootstrap, kafka_topic)) == list(range(10))
+    assert open_connections() == before
+
+
 # -- broker trouble ---------------------------------------------------------------------
 
 def free_port() -> int:
