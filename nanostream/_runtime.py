@@ -91,6 +91,28 @@ class _Failed(Exception):
         self.error = error
 
 
+class _StageErrors:
+    """``with _StageErrors(name):`` turns what the stage's code raises into the
+    :class:`_Failed` that ends the run: a StageError as it is, any other exception as
+    a StageError naming the stage; the runtime's own signals pass through."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
+        if exc is None or isinstance(exc, (_Failed, Aborted)) or \
+                not isinstance(exc, Exception):
+            return
+        if isinstance(exc, StageError):
+            raise _Failed(exc) from None
+        raise _Failed(StageError(self.name, exc=exc)) from None
+
+
 class _Slots:
     """A counting semaphore that gives up when the run aborts."""
 
@@ -809,14 +831,8 @@ class _WriterRunner(_SingleRunner):
             self.spawn(self._body)
 
     def _guard(self, fn: Callable[..., None], *args: Any) -> None:
-        try:
+        with _StageErrors(self.name):
             fn(*args)
-        except (_Failed, Aborted):
-            raise
-        except StageError as err:
-            raise _Failed(err) from None
-        except Exception as exc:
-            raise _Failed(StageError(self.name, exc=exc)) from None
 
     def open(self) -> None:
         """Open the writer in the thread that will run it (a connection may take a while)."""
@@ -824,14 +840,8 @@ class _WriterRunner(_SingleRunner):
             return
         st = self.stage
         done = release_all if self.tracked else _discard
-        try:
+        with _StageErrors(self.name):
             self.writer = st.internal["writer"](done, ctx=SourceContext(self), **st.kwargs)
-        except (_Failed, Aborted):
-            raise
-        except StageError as err:
-            raise _Failed(err) from None
-        except Exception as exc:
-            raise _Failed(StageError(self.name, exc=exc)) from None
         self.run._on_end.append(self._abandon)
 
     def _write(self, batch: list[Any]) -> list[Any]:
@@ -1428,14 +1438,8 @@ class _StreamRunner(_Runner):
 
         source = inputs()
         try:
-            try:
+            with _StageErrors(self.name):
                 result = self.call(source, **extra)
-            except (_Failed, Aborted):
-                raise
-            except StageError as err:
-                raise _Failed(err) from None
-            except Exception as exc:
-                raise _Failed(StageError(self.name, exc=exc)) from None
             if st.kind == SINK:
                 if result is not None and hasattr(result, "__next__"):
                     self._consume(result)
@@ -1465,15 +1469,9 @@ class _StreamRunner(_Runner):
         self.finish()
 
     def _consume(self, result: Iterator[Any]) -> None:
-        try:
+        with _StageErrors(self.name):
             for _ in result:
                 pass
-        except (_Failed, Aborted):
-            raise
-        except StageError as err:
-            raise _Failed(err) from None
-        except Exception as exc:
-            raise _Failed(StageError(self.name, exc=exc)) from None
 
     def _forward(self, result: Any, pending: list[Ticket | None],
                  current: list[Ticket | None], outstanding: dict[int, list[Any]] | None) -> None:
@@ -1532,7 +1530,7 @@ class _StreamRunner(_Runner):
         """Untracked outputs of an internal operator: appended to the output buffer,
         passed on BATCH at a time (and whenever the stage waits for input); whether
         anyone downstream still takes them is checked as a batch goes."""
-        try:
+        with _StageErrors(self.name):
             for y in it:
                 buf = self.outbuf  # anew each time: taking input flushes it
                 buf.append(y)
@@ -1540,12 +1538,6 @@ class _StreamRunner(_Runner):
                     self.flush()
                 if self.gone:
                     return
-        except (_Failed, Aborted):
-            raise
-        except StageError as err:
-            raise _Failed(err) from None
-        except Exception as exc:
-            raise _Failed(StageError(self.name, exc=exc)) from None
 
 
 def _in_memory(stage: Stage) -> bool:
